@@ -1,0 +1,4 @@
+from scanclust.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""Checkpoints: written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so
+``torch.load(weights_only=True)`` reads it; a file from an untrusted source cannot run code.
+Writing goes to a temporary file in the same folder, then ``os.replace``: a run killed while
+saving leaves the previous checkpoint intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or from another stage."""
+
+
+def save_checkpoint(path: Path, stage: str, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "stage": stage, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
+    """Load on the CPU; ``stage`` guards against feeding e.g. a pretext file to self-label."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or "stage" not in payload:
+        raise CheckpointError(f"{path} is not a scanclust checkpoint")
+    if stage is not None and payload["stage"] != stage:
+        raise CheckpointError(f"{path} holds the {payload['stage']!r} stage, expected {stage!r}")
+    return payload

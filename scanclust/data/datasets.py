@@ -1,0 +1,394 @@
+"""One dataset interface for every image source: ``ds[i] -> (image, index, label)``.
+
+Every stage after this one sees the same small interface, so CIFAR arrays, ImageNet folders and
+a user's photo folder are interchangeable. The index travels with the image because mining and
+SCAN look up neighbours by position; the label is -1 (``UNLABELED``) where a source has none, so
+that evaluation can skip it instead of every caller special-casing unlabeled data.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from scanclust.config import DataConfig
+
+UNLABELED = -1
+SPLITS = ("train", "val", "pretext")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_SUBSETS = ("imagenet_50", "imagenet_100", "imagenet_200")
+
+
+class DatasetError(ValueError):
+    """A data problem; the one-line message names the file, folder or setting at fault."""
+
+
+class ImageDataset(Dataset):
+    """Base class: subclasses supply ``load(i)`` and ``describe(i)``; labels live in ``targets``."""
+
+    def __init__(self, name: str, targets: np.ndarray, classes: list[str] | None,
+                 transform: Callable | None = None) -> None:
+        self.name = name
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = classes
+        self.transform = transform
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.targets >= 0).any())
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        raise NotImplementedError
+
+    def as_uint8(self, size: int | None = None, progress: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subset(self, indices: np.ndarray) -> ImageDataset:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[object, int, int]:
+        image = self.load(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, i, int(self.targets[i])
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as a uint8 array [N, H, W, 3] (CIFAR, STL-10, digits).
+
+    The array may be a strided view (STL-10 is stored channels-first); it is not copied.
+    """
+
+    def __init__(self, name: str, images: np.ndarray, targets: np.ndarray,
+                 classes: list[str] | None, transform: Callable | None = None) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise DatasetError(f"{name}: expected uint8 images [N, H, W, 3], got "
+                               f"{images.dtype} {list(images.shape)}")
+        if len(images) != len(targets):
+            raise DatasetError(f"{name}: {len(images)} images but {len(targets)} labels")
+        super().__init__(name, targets, classes, transform)
+        self.images = images
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}#{i}"
+
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.name, self.images[indices], self.targets[indices], self.classes,
+                            self.transform)
+
+    def as_uint8(self, size: int | None = None, progress: bool = True) -> torch.Tensor:
+        """The whole array as [N, 3, H, W]; resized on tensors, in chunks, only if ``size`` asks."""
+        images = torch.from_numpy(self.images).permute(0, 3, 1, 2)
+        h, w = images.shape[2:]
+        if size is None or (h == w == size):
+            return images.contiguous()
+        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+        chunk = 1024  # bounds the float buffer that antialiased resizing needs
+        for start in tqdm(range(0, len(images), chunk), desc=f"resizing {self.name}",
+                          disable=not progress):
+            block = TF.resize(images[start:start + chunk], [size], antialias=True)
+            out[start:start + chunk] = TF.center_crop(block, [size, size])
+        return out
+
+
+class FileDataset(ImageDataset):
+    """Images decoded from files on every access (image folders, ImageNet)."""
+
+    def __init__(self, name: str, paths: list[Path], targets: np.ndarray,
+                 classes: list[str] | None, transform: Callable | None = None) -> None:
+        if len(paths) != len(targets):
+            raise DatasetError(f"{name}: {len(paths)} files but {len(targets)} labels")
+        super().__init__(name, targets, classes, transform)
+        self.paths = [Path(p) for p in paths]
+
+    def load(self, i: int) -> Image.Image:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise DatasetError(f"cannot read image {path}: {err}") from None
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def subset(self, indices: np.ndarray) -> FileDataset:
+        return FileDataset(self.name, [self.paths[i] for i in indices], self.targets[indices],
+                           self.classes, self.transform)
+
+    def as_uint8(self, size: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Decode every file into one [N, 3, H, W] tensor.
+
+        Without ``size`` all images must share one shape, since silently resizing would change
+        what the model sees; with ``size`` the shorter side is resized to it, then center-cropped.
+        """
+        out: torch.Tensor | None = None
+        for i in tqdm(range(len(self)), desc=f"decoding {self.name}", disable=not progress):
+            image = self.load(i)
+            if size is not None:
+                image = TF.center_crop(TF.resize(image, [size]), [size, size])
+            array = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            if out is None:
+                out = torch.empty(len(self), *array.shape, dtype=torch.uint8)
+            elif array.shape != out.shape[1:]:
+                raise DatasetError(
+                    f"image {self.paths[i]} is {array.shape[2]}x{array.shape[1]} but "
+                    f"{self.paths[0]} is {out.shape[3]}x{out.shape[2]}; pass a size to resize "
+                    f"them to one shape")
+            out[i] = array
+        if out is None:
+            raise DatasetError(f"{self.name}: no images to convert")
+        return out
+
+
+def num_classes(ds: ImageDataset) -> int | None:
+    return None if ds.classes is None else len(ds.classes)
+
+
+def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
+    """The ``split`` ("train", "val" or "pretext") of the data set that ``cfg`` names.
+
+    "val" is the held-out split the paper reports on; "pretext" is the train split, except for
+    STL-10, whose 100k unlabeled images join the 5k train images for representation learning.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    dataset = _build(cfg, split)
+    if cfg.max_images is not None and len(dataset) > cfg.max_images:
+        # evenly spaced rather than the first N: sorted sources (folders) keep every class
+        keep = np.linspace(0, len(dataset) - 1, cfg.max_images).round().astype(np.int64)
+        dataset = dataset.subset(keep)
+    return dataset
+
+
+def _build(cfg: DataConfig, split: str) -> ImageDataset:
+    name = cfg.dataset
+    if name == "cifar10":
+        return _cifar10(cfg, split)
+    if name == "cifar20":
+        return _cifar20(cfg, split)
+    if name == "stl10":
+        return _stl10(cfg, split)
+    if name == "imagenet" or name in IMAGENET_SUBSETS:
+        return _imagenet(cfg, split)
+    if name == "folder":
+        return _folder(cfg, split)
+    if name == "digits":
+        return _digits(cfg, split)
+    raise DatasetError(f"data.dataset={name!r} is not a known data set "
+                       f"(cifar10, cifar20, stl10, imagenet, {', '.join(IMAGENET_SUBSETS)}, "
+                       f"folder, digits)")
+
+
+def _torchvision(make: Callable, cfg: DataConfig, title: str, folder: str) -> Any:
+    """Call a torchvision constructor, turning its missing-data and download errors into ours."""
+    root = Path(cfg.root)
+    try:
+        return make()
+    except RuntimeError as err:
+        if "not found or corrupted" not in str(err):
+            raise
+        if (root / folder).exists():
+            raise DatasetError(f"data.root={root} has {folder} but its files are missing or fail "
+                               f"torchvision's checksum; delete it and set data.download=true, "
+                               f"or point data.root at a good copy of {title}") from None
+        raise DatasetError(f"data.root={root} does not contain {title} (no {folder}); set "
+                           f"data.download=true or point data.root at it") from None
+    except OSError as err:  # URLError and socket errors are OSErrors
+        raise DatasetError(f"could not download {title} into data.root={root}: {err}; place "
+                           f"{folder} there by hand or retry with a network") from None
+
+
+def _cifar10(cfg: DataConfig, split: str) -> ArrayDataset:
+    from torchvision.datasets import CIFAR10
+
+    train = split != "val"
+    ds = _torchvision(lambda: CIFAR10(cfg.root, train=train, download=cfg.download), cfg,
+                      "CIFAR-10", "cifar-10-batches-py")
+    return ArrayDataset(f"cifar10/{split}", ds.data, np.array(ds.targets), list(ds.classes))
+
+
+def cifar100_coarse_labels(folder: Path, train: bool) -> tuple[np.ndarray, list[str]]:
+    """The 20 superclass labels and names of CIFAR-100 from its official pickles in ``folder``.
+
+    torchvision only exposes the 100 fine labels; SCAN's CIFAR-100-20 uses the coarse ones that
+    the same files carry.
+    """
+    folder = Path(folder)
+    data_file, meta_file = folder / ("train" if train else "test"), folder / "meta"
+    try:
+        with open(data_file, "rb") as f:
+            labels = np.array(pickle.load(f, encoding="latin1")["coarse_labels"], dtype=np.int64)
+        with open(meta_file, "rb") as f:
+            names = list(pickle.load(f, encoding="latin1")["coarse_label_names"])
+    except (OSError, KeyError, pickle.UnpicklingError) as err:
+        raise DatasetError(f"cannot read CIFAR-100 coarse labels from {folder}: {err!r}") from None
+    return labels, names
+
+
+def _cifar20(cfg: DataConfig, split: str) -> ArrayDataset:
+    from torchvision.datasets import CIFAR100
+
+    train = split != "val"
+    ds = _torchvision(lambda: CIFAR100(cfg.root, train=train, download=cfg.download), cfg,
+                      "CIFAR-100", "cifar-100-python")
+    labels, names = cifar100_coarse_labels(Path(cfg.root) / "cifar-100-python", train)
+    return ArrayDataset(f"cifar20/{split}", ds.data, labels, names)
+
+
+def _stl10(cfg: DataConfig, split: str) -> ArrayDataset:
+    from torchvision.datasets import STL10
+
+    tv_split = {"train": "train", "val": "test", "pretext": "train+unlabeled"}[split]
+    ds = _torchvision(lambda: STL10(cfg.root, split=tv_split, download=cfg.download), cfg,
+                      "STL-10", "stl10_binary")
+    # torchvision labels the unlabeled part -1, which is UNLABELED
+    classes = getattr(ds, "classes", None)  # read from class_names.txt when the archive has it
+    return ArrayDataset(f"stl10/{split}", ds.data.transpose(0, 2, 3, 1), ds.labels,
+                        list(classes) if classes is not None else None)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """All image files below ``folder``, sorted; hidden folders (.ipynb_checkpoints) are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / f for f in filenames if _is_image(f) and not f.startswith(".")]
+    return sorted(found)
+
+
+def _imagenet(cfg: DataConfig, split: str) -> FileDataset:
+    """ImageNet or a subset in ImageFolder layout: ``root/{train,val}/<wnid>/*.JPEG``.
+
+    The official val images come in one flat folder; they must be sorted into wnid folders
+    first (the usual ``valprep.sh``), as most users already have them. Full ImageNet labels
+    follow the sorted wnids of ``train/``; a subset keeps the order of its class list.
+    """
+    root = Path(cfg.root)
+    base = root / ("val" if split == "val" else "train")
+    if cfg.dataset == "imagenet":
+        _require_dir(root / "train", root)  # the train folders define the 1000 labels
+        wnids = sorted(d.name for d in (root / "train").iterdir()
+                       if d.is_dir() and not d.name.startswith("."))
+        classes = wnids
+    else:
+        wnids, classes = _subset_classes(cfg.dataset)
+    _require_dir(base, root)
+    paths: list[Path] = []
+    targets: list[int] = []
+    for label, wnid in enumerate(wnids):
+        folder = base / wnid
+        if not folder.is_dir():
+            raise DatasetError(f"ImageNet class folder {wnid} of {cfg.dataset} missing under {base}")
+        images = _images_under(folder)
+        if not images:
+            raise DatasetError(f"ImageNet class folder {folder} of {cfg.dataset} contains no images")
+        paths += images
+        targets += [label] * len(images)
+    if not paths:
+        raise DatasetError(f"data.root={root}: {base} contains no class folders")
+    return FileDataset(f"{cfg.dataset}/{split}", paths, np.array(targets), classes)
+
+
+def _require_dir(folder: Path, root: Path) -> None:
+    if not folder.is_dir():
+        raise DatasetError(f"data.root={root} has no {folder.name} folder; expected ImageNet as "
+                           f"train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+
+
+def _subset_classes(name: str) -> tuple[list[str], list[str]]:
+    """The wnids and names of a shipped ImageNet subset list (lines "wnid Name With Spaces")."""
+    text = (resources.files("scanclust.data") / "imagenet_subsets" / f"{name}.txt").read_text()
+    rows = [line.split(maxsplit=1) for line in text.splitlines() if line.strip()]
+    return [r[0] for r in rows], [r[1] if len(r) > 1 else r[0] for r in rows]
+
+
+def _scan_folder(folder: Path, key: str) -> tuple[list[Path], list[str] | None, list[int]]:
+    """Paths, class names and per-image class positions of a user's folder.
+
+    A folder whose subfolders hold images is a labelled tree (one class per immediate subfolder,
+    sorted by name); otherwise it is a flat, unlabelled folder of images.
+    """
+    if not folder.exists():
+        raise DatasetError(f"{key}={folder} does not exist")
+    if not folder.is_dir():
+        raise DatasetError(f"{key}={folder} is not a folder")
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    loose = [Path(e.path) for e in entries if e.is_file() and _is_image(e.name)]
+    per_class = {e.name: _images_under(Path(e.path)) for e in entries
+                 if e.is_dir() and not e.name.startswith(".")}
+    per_class = {name: images for name, images in per_class.items() if images}
+    if not per_class:
+        if not loose:
+            raise DatasetError(f"{key}={folder} contains no images (looked for "
+                               f"{', '.join(IMAGE_EXTENSIONS)})")
+        return loose, None, [UNLABELED] * len(loose)
+    if loose:
+        # in a class tree a top-level image has no class; dropping it silently would hide data
+        raise DatasetError(f"{key}={folder} has class folders but also {len(loose)} images "
+                           f"outside them (e.g. {loose[0]}); move them into a class folder")
+    classes = list(per_class)
+    paths = [p for images in per_class.values() for p in images]
+    labels = [c for c, images in enumerate(per_class.values()) for _ in images]
+    return paths, classes, labels
+
+
+def _folder(cfg: DataConfig, split: str) -> FileDataset:
+    """A user's folder: ``data.root`` is train (and pretext); ``data.val_root`` or, without it,
+    the same images again are val, because practitioners usually cluster their whole folder."""
+    paths, classes, labels = _scan_folder(Path(cfg.root), "data.root")
+    if split == "val" and cfg.val_root is not None:
+        val_paths, val_classes, val_labels = _scan_folder(Path(cfg.val_root), "data.val_root")
+        if classes is not None and val_classes is not None:
+            unknown = [c for c in val_classes if c not in classes]
+            if unknown:
+                raise DatasetError(f"data.val_root={cfg.val_root} has class folder {unknown[0]!r} "
+                                   f"that data.root={cfg.root} lacks")
+            position = {name: k for k, name in enumerate(classes)}
+            val_labels = [position[val_classes[c]] for c in val_labels]
+        paths, classes, labels = val_paths, classes or val_classes, val_labels
+    return FileDataset(f"folder/{split}", paths, np.array(labels), classes)
+
+
+def _digits(cfg: DataConfig, split: str) -> ArrayDataset:
+    """scikit-learn's bundled 8x8 digits, upsampled to RGB: a labelled set that needs no download.
+
+    The 80/20 split is stratified and seeded so that every run and test sees the same images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    size = cfg.image_size
+    gray = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+                     for im in small])
+    images = np.repeat(gray[..., None], 3, axis=3)
+    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=0.2, random_state=0,
+                                          stratify=digits.target)
+    idx = np.sort(val_idx if split == "val" else train_idx)
+    return ArrayDataset(f"digits/{split}", images[idx], digits.target[idx],
+                        [str(d) for d in range(10)])

@@ -1,0 +1,72 @@
+"""The three losses of SCAN: NT-Xent (pretext), the SCAN loss, and confidence-masked CE.
+
+All losses compute in float32 whatever the autocast dtype of the logits: the SCAN loss takes a
+log of a dot product of probabilities and the entropy of a batch mean, both of which lose
+their meaning in bf16 when predictions become confident.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross-entropy for two batches of L2-normalised embeddings.
+
+    Each of the 2B embeddings must pick out its partner among the other 2B - 1.
+    """
+    z = torch.cat([z1, z2]).float()
+    n = z1.shape[0]
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor,
+              entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SCAN loss (paper eq. 2) per head: ``consistency - entropy_weight * entropy``.
+
+    Logits are ``[B, C]`` or ``[H, B, C]``; returns ``(total, consistency, entropy)``, each a
+    scalar or an ``[H]`` vector. consistency = -mean log <p(anchor), p(neighbor)>; entropy is
+    that of the batch-mean prediction, which the loss maximises so that samples spread over
+    the clusters instead of collapsing into one.
+    """
+    p_anchor = F.softmax(anchor_logits.float(), dim=-1)
+    p_neighbor = F.softmax(neighbor_logits.float(), dim=-1)
+    similarity = (p_anchor * p_neighbor).sum(-1)
+    consistency = -torch.log(similarity.clamp_min(EPS)).mean(-1)
+    p_mean = p_anchor.mean(-2)
+    entropy = -(p_mean * torch.log(p_mean.clamp_min(EPS))).sum(-1)
+    return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def masked_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
+                         threshold: float,
+                         class_balance: bool = True) -> tuple[torch.Tensor | None, int]:
+    """Self-label loss: cross-entropy on the strong view against confident weak-view labels.
+
+    A sample is confident when its max softmax probability on the weak view exceeds
+    ``threshold``; its pseudo label is the argmax. With ``class_balance`` each class present
+    among the confident samples is weighted by the inverse of its count, so the loss is the
+    mean over present classes of the per-class mean loss (clusters that are confident early
+    would otherwise dominate). Returns ``(None, 0)`` when no sample is confident: a normal
+    event early in training, which the caller skips and counts.
+    """
+    probs = F.softmax(weak_logits.detach().float(), dim=-1)
+    max_prob, target = probs.max(dim=-1)
+    mask = max_prob > threshold
+    count = int(mask.sum())
+    if count == 0:
+        return None, 0
+    target = target[mask]
+    logits = strong_logits[mask].float()
+    weight = None
+    if class_balance:
+        counts = torch.bincount(target, minlength=logits.shape[-1]).float()
+        weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+        weight = weight / weight.sum()
+    return F.cross_entropy(logits, target, weight=weight), count

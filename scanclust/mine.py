@@ -1,0 +1,150 @@
+"""Stage 2, mine: each image's K nearest other images in the pretext feature space.
+
+Similarities are computed one ``chunk_size x chunk_size`` block at a time, keeping a running
+top-K per row, so memory is bounded and never ``N x N`` (1.28M ImageNet images would need
+6.5 TB for the full matrix).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scanclust.checkpoint import load_checkpoint
+from scanclust.config import Config, ConfigError
+from scanclust.data import ImageDataset, build_dataset, view_transform
+from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.pretext import build_contrastive_model
+from scanclust.rundir import write_json
+from scanclust.runtime import autocast, resolve_device
+from scanclust.training import log, progress, setup_run, to_device
+
+STAGE = "mine"
+PURITY_KS = (1, 5, 20)
+
+
+@torch.no_grad()
+def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
+                     transform: Callable, batch_size: int, device: torch.device, amp: bool,
+                     num_workers: int, show: bool, desc: str = "features") -> torch.Tensor:
+    """``encode`` applied to the eval view of every image, in data set order, float32 on CPU."""
+    loader = make_loader(ViewsDataset(dataset, {"image": transform}), batch_size, shuffle=False,
+                         seed=0, num_workers=num_workers, train=False)
+    chunks = []
+    for batch in progress(loader, show, desc):
+        images = to_device(batch, device)["image"]
+        with autocast(device, amp):
+            chunks.append(encode(images).float().cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def knn(features: torch.Tensor, k: int, chunk_size: int = 4096,
+        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` cosine neighbours of every row among the other rows.
+
+    Returns ``(indices [N, k] int64, similarities [N, k])``, most similar first. Works on
+    ``chunk_size x chunk_size`` blocks of the similarity matrix, merging each block's top-k
+    into a running top-k, so memory stays bounded whatever N. The row itself is excluded by
+    position, not by value, so duplicate images still find each other.
+    """
+    n = len(features)
+    if k >= n:
+        raise ValueError(f"cannot find {k} neighbours among {n} samples")
+    feats = F.normalize(features.float(), dim=1).to(device)
+    indices = torch.empty(n, k, dtype=torch.long)
+    sims = torch.empty(n, k)
+    for q0 in range(0, n, chunk_size):
+        queries = feats[q0:q0 + chunk_size]
+        rows = torch.arange(len(queries), device=feats.device)
+        best_sims = torch.full((len(queries), 0), float("-inf"), device=feats.device)
+        best_idx = torch.empty((len(queries), 0), dtype=torch.long, device=feats.device)
+        for d0 in range(0, n, chunk_size):
+            block = queries @ feats[d0:d0 + chunk_size].T
+            own = rows + q0 - d0  # column of each query's own row inside this block
+            inside = (own >= 0) & (own < block.shape[1])
+            block[rows[inside], own[inside]] = float("-inf")
+            top_sims, top_idx = block.topk(min(k, block.shape[1]), dim=1)
+            best_sims = torch.cat([best_sims, top_sims], dim=1)
+            best_idx = torch.cat([best_idx, top_idx + d0], dim=1)
+            if best_sims.shape[1] > k:
+                best_sims, order = best_sims.topk(k, dim=1)
+                best_idx = best_idx.gather(1, order)
+        best_sims, order = best_sims.topk(k, dim=1)
+        indices[q0:q0 + len(queries)] = best_idx.gather(1, order).cpu()
+        sims[q0:q0 + len(queries)] = best_sims.cpu()
+    return indices, sims
+
+
+def neighbor_purity(neighbors: np.ndarray, targets: np.ndarray,
+                    ks: tuple[int, ...] = PURITY_KS) -> dict[str, float]:
+    """Share of the first k neighbours with the anchor's class, for each k available."""
+    result = {}
+    for k in ks:
+        if k <= neighbors.shape[1]:
+            same = targets[neighbors[:, :k]] == targets[:, None]
+            result[f"purity@{k}"] = float(same.mean())
+    return result
+
+
+def _encoder(model: nn.Module, features: str, has_head: bool) -> Callable:
+    if features == "head" and has_head:
+        return model
+    return lambda x: F.normalize(model.backbone(x), dim=1)
+
+
+def mine(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
+         overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+         force: bool = False) -> dict[str, Any]:
+    """Extract features of the train and val splits, mine neighbours, report purity."""
+    cfg, run = setup_run(config, out, overrides)
+    run.require("pretext", STAGE)
+    status = run.prepare(STAGE, resume, force)
+    if status == "done":
+        log.info("mine: already done in %s", run.root)
+        return run.summary(STAGE)
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    state = load_checkpoint(run.checkpoint("pretext"), "pretext")
+    model = build_contrastive_model(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    encode = _encoder(model, cfg.mine.features, state.get("has_head", True))
+    transform = view_transform(cfg, "eval")
+    mc = cfg.mine
+
+    summary: dict[str, Any] = {"topk": mc.topk, "features": mc.features}
+    for split in ("train", "val"):
+        dataset = build_dataset(cfg.data, split)
+        k = mc.topk
+        if k >= len(dataset):
+            if split == "train":
+                raise ConfigError(f"config key 'mine.topk': {k} neighbours need more than {k} "
+                                  f"images, but the train split has {len(dataset)}")
+            k = len(dataset) - 1  # val neighbours only feed the held-out SCAN loss
+            if k < 1:
+                continue
+        feats = extract_features(encode, dataset, transform, mc.batch_size, device, cfg.amp,
+                                 cfg.data.num_workers, cfg.progress, f"features {split}")
+        indices, _ = knn(feats, k, mc.chunk_size, device)
+        neighbors = indices.numpy()
+        np.save(run.neighbors(split), neighbors)
+        np.save(run.features(split), feats.numpy().astype(np.float16))
+        np.save(run.stage_dir(STAGE) / f"targets_{split}.npy", dataset.targets)
+        if dataset.has_labels:
+            purity = neighbor_purity(neighbors, dataset.targets)
+            summary[f"purity_{split}"] = purity
+            log.info("mine %s: %d images, purity %s", split, len(dataset),
+                     ", ".join(f"{k_}={v:.3f}" for k_, v in purity.items()))
+    summary["seconds"] = time.perf_counter() - start
+    if "purity_train" in summary:
+        write_json(run.stage_dir(STAGE) / "purity.json", summary["purity_train"])
+    run.log(STAGE, **{k: v for k, v in summary.items() if not isinstance(v, dict)})
+    run.finish(STAGE, summary)
+    return summary

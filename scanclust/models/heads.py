@@ -1,0 +1,51 @@
+"""The two models SCAN trains on top of a backbone: the SimCLR model and the cluster model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + SimCLR projection MLP (out_dim -> hidden -> proj_dim), L2-normalised output."""
+
+    def __init__(self, backbone: nn.Module, hidden: int = 512, proj_dim: int = 128) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.Linear(backbone.out_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+class ClusterModel(nn.Module):
+    """Backbone + ``num_heads`` linear heads of ``num_clusters`` outputs each.
+
+    Several heads train in parallel from one backbone pass (the paper uses 10 on ImageNet) and
+    the one with the lowest SCAN loss is kept. ``forward`` returns logits ``[H, B, C]``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_clusters = num_clusters
+        self.heads = nn.ModuleList(nn.Linear(backbone.out_dim, num_clusters)
+                                   for _ in range(num_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_heads(self.backbone(x))
+
+    def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
+        """Heads only: used with cached features when the backbone is frozen."""
+        return torch.stack([head(features) for head in self.heads])
+
+    def keep_head(self, index: int) -> None:
+        """Drop all heads but ``index`` (self-label continues from the best SCAN head)."""
+        self.heads = nn.ModuleList([self.heads[index]])
+
+
+def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries of a model state dict, prefix removed."""
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

@@ -1,0 +1,72 @@
+"""All stages in order, once or over several seeds (the paper reports mean and std of 10 runs)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from scanclust.config import Config, load_config
+from scanclust.evaluate import evaluate
+from scanclust.metrics import mean_std
+from scanclust.mine import mine
+from scanclust.pretext import pretext
+from scanclust.rundir import read_json, write_json
+from scanclust.scan import scan
+from scanclust.selflabel import selflabel
+from scanclust.training import log
+
+STAGE_FUNCTIONS = {"pretext": pretext, "mine": mine, "scan": scan, "selflabel": selflabel,
+                   "evaluate": evaluate}
+
+
+def run(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
+        overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+        force: bool = False, seeds: int = 1) -> dict[str, Any]:
+    """pretext -> mine -> scan -> selflabel -> evaluate; returns metrics (or their summary).
+
+    With ``seeds > 1`` each repetition runs in ``<out>/seed_<i>`` with ``seed + i``, and
+    ``<out>/summary.json`` holds the mean and std of every metric over the repetitions.
+    """
+    if seeds < 1:
+        raise ValueError("seeds must be >= 1")
+    if seeds == 1:
+        return _run_once(config, Path(out), overrides, resume, force)
+    base = load_config(config if config is not None else Path(out) / "seed_0" / "config.yaml",
+                       overrides)
+    runs = []
+    for i in range(seeds):
+        cfg = load_config(base, {"seed": base.seed + i})
+        runs.append(_run_once(cfg, Path(out) / f"seed_{i}", None, resume, force))
+    summary = {"dataset": base.data.dataset, "seeds": [base.seed + i for i in range(seeds)],
+               "runs": [str(Path(out) / f"seed_{i}") for i in range(seeds)],
+               "mean_std": mean_std([{k: r[k] for k in ("stages", "neighbors", "seconds")}
+                                     for r in runs])}
+    write_json(Path(out) / "summary.json", summary)
+    log.info("%d seeds: wrote %s\n%s", seeds, Path(out) / "summary.json", format_summary(summary))
+    return summary
+
+
+def _run_once(config: Config | str | Path | dict | None, out: Path,
+              overrides: list[str] | dict[str, Any] | None, resume: bool,
+              force: bool) -> dict[str, Any]:
+    cfg = load_config(config if config is not None else out / "config.yaml", overrides)
+    for name, stage in STAGE_FUNCTIONS.items():
+        started = time.perf_counter()
+        stage(cfg, out, resume=resume, force=force)
+        log.info("%s finished in %.1f s", name, time.perf_counter() - started)
+    return read_json(out / "metrics.json")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """mean ± std of ACC / NMI / ARI per stage over the seeds."""
+    stats = summary["mean_std"].get("stages", {})
+    lines = [f"{'':10s} {'ACC':>15s} {'NMI':>15s} {'ARI':>15s}"]
+    for name in ("kmeans", "scan", "selflabel"):
+        row = stats.get(name)
+        if not row:
+            continue
+        cells = " ".join(f"{row[k]['mean']:7.4f}±{row[k]['std']:.4f}" if k in row else f"{'-':>15s}"
+                         for k in ("acc", "nmi", "ari"))
+        lines.append(f"{name:10s} {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Stage 1, pretext: learn features in which an image and its augmentations lie close (SimCLR).
+
+For ImageNet the paper starts from MoCo v2 weights instead; ``pretext.method=weights`` loads
+such a file into the backbone and trains nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scanclust.config import Config
+from scanclust.data import build_dataset, view_transform
+from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.losses import nt_xent
+from scanclust.models import ContrastiveModel, build_backbone
+from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
+from scanclust.training import (build_optimizer, build_scheduler, log, progress, setup_run,
+                                to_device)
+
+STAGE = "pretext"
+
+
+def build_contrastive_model(cfg: Config) -> ContrastiveModel:
+    backbone = build_backbone(cfg.model.backbone, cfg.model.width)
+    return ContrastiveModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, temperature: float,
+                    device: torch.device, amp: bool, show: bool, desc: str) -> dict[str, float]:
+    model.train()
+    total = torch.zeros((), device=device)
+    steps = images = 0
+    start = time.perf_counter()
+    for batch in progress(loader, show, desc):
+        batch = to_device(batch, device)
+        # One forward pass over both views: batch norm sees the same statistics for each.
+        views = torch.cat([batch["view1"], batch["view2"]])
+        with autocast(device, amp):
+            z1, z2 = model(views).chunk(2)
+        loss = nt_xent(z1, z2, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach()
+        steps += 1
+        images += len(views) // 2
+    seconds = time.perf_counter() - start
+    return {"loss": float(total) / max(steps, 1), "images_per_s": images / max(seconds, 1e-9),
+            "seconds": seconds}
+
+
+def pretext(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
+            overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+            force: bool = False) -> dict[str, Any]:
+    """Train the pretext model; returns the stage summary (also in ``pretext/summary.json``)."""
+    cfg, run = setup_run(config, out, overrides)
+    status = run.prepare(STAGE, resume, force)
+    if status == "done":
+        log.info("pretext: already done in %s", run.root)
+        return run.summary(STAGE)
+    device = resolve_device(cfg.device)
+    seed_all(derive_seed(cfg.seed, STAGE, "init"))
+    model = build_contrastive_model(cfg).to(device)
+    if cfg.pretext.method == "weights":
+        return _from_weights(cfg, run, model)
+
+    dataset = build_dataset(cfg.data, "pretext")
+    pc = cfg.pretext
+    augment = view_transform(cfg, "simclr")
+    views = ViewsDataset(dataset, {"view1": augment, "view2": augment})
+    steps_per_epoch = max(len(dataset) // min(pc.batch_size, len(dataset)), 1)
+    optimizer = build_optimizer(model.parameters(), pc.optim)
+    scheduler = build_scheduler(optimizer, pc.optim, steps_per_epoch * pc.epochs)
+    start_epoch, seconds = 0, 0.0
+    if status == "resume":
+        state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch, seconds = state["epoch"], state["seconds"]
+        log.info("pretext: resuming at epoch %d/%d", start_epoch, pc.epochs)
+
+    stats: dict[str, float] = {}
+    for epoch in range(start_epoch, pc.epochs):
+        seed_all(derive_seed(cfg.seed, STAGE, epoch))
+        loader = make_loader(views, pc.batch_size, shuffle=True,
+                             seed=derive_seed(cfg.seed, STAGE, "order", epoch),
+                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+        stats = train_one_epoch(model, loader, optimizer, scheduler, pc.temperature, device,
+                                cfg.amp, cfg.progress, f"pretext {epoch + 1}/{pc.epochs}")
+        seconds += stats["seconds"]
+        run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], **stats)
+        log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s", epoch + 1, pc.epochs,
+                 stats["loss"], stats["images_per_s"])
+        save_checkpoint(run.checkpoint(STAGE), STAGE, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
+            "seconds": seconds, "config": cfg.to_dict(), "has_head": True})
+    if pc.epochs == 0:
+        save_checkpoint(run.checkpoint(STAGE), STAGE, {
+            "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "config": cfg.to_dict(),
+            "has_head": True})
+    summary = {"seconds": seconds, "epochs": pc.epochs, "final_loss": stats.get("loss"),
+               "images_per_s": stats.get("images_per_s")}
+    run.finish(STAGE, summary)
+    return summary
+
+
+def _from_weights(cfg: Config, run, model: ContrastiveModel) -> dict[str, Any]:
+    start = time.perf_counter()
+    load_backbone_weights(model.backbone, Path(cfg.pretext.weights))
+    save_checkpoint(run.checkpoint(STAGE), STAGE, {
+        "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "config": cfg.to_dict(),
+        "has_head": False, "weights": str(cfg.pretext.weights)})
+    summary = {"seconds": time.perf_counter() - start, "epochs": 0, "weights": cfg.pretext.weights}
+    run.finish(STAGE, summary)
+    return summary
+
+
+_PREFIXES = ("module.", "encoder_q.", "encoder.", "backbone.", "model.")
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    """Load a foreign backbone checkpoint (MoCo v2, torchvision, ...) by stripping key prefixes.
+
+    MoCo stores ``module.encoder_q.conv1.weight``; torchvision ``conv1.weight``. Classifier and
+    projection layers are dropped; a backbone key left unfilled is an error naming it, since a
+    half-loaded backbone would cluster noise without complaint.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"pretext.weights={path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read pretext.weights={path}: "
+                              f"{str(err).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    state = {}
+    for key, value in payload.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    wanted = backbone.state_dict()
+    found = {k: v for k, v in state.items() if k in wanted}
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise CheckpointError(f"pretext.weights={path} lacks {len(missing)} backbone tensors "
+                              f"(first: {missing[0]}); is it a {type(backbone).__name__}?")
+    backbone.load_state_dict(found)

@@ -1,0 +1,81 @@
+"""Device choice, mixed precision and random state: the parts of a run that are not the method."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from scanclust.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name} but no CUDA device is available; "
+                          "use device=cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"config key 'device': {name} but MPS is not available; "
+                          "use device=cpu or auto")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full precision elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A stable 31-bit seed for (seed, stage, epoch, ...), the same in every process."""
+    key = ":".join(str(p) for p in (seed, *parts)).encode()
+    return zlib.crc32(key) & 0x7FFFFFFF
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a stage draws from.
+
+    Stages reseed at the start of every epoch from (seed, stage, epoch), so a resumed run draws
+    the same augmentations and batches as an uninterrupted one.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors and plain lists, so a checkpoint loads with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    random.setstate((state["python"]["version"], tuple(state["python"]["state"]),
+                     state["python"]["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,158 @@
+"""Stage 4, self-label: confident predictions become labels for the strongly augmented view.
+
+Samples whose weak-view prediction is confident (max probability > threshold) are usually
+right; training on them with a strong augmentation corrects the neighbours' noise. The weights
+are kept where the number of confident samples stops growing, a criterion that needs no label.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from scanclust.checkpoint import load_checkpoint, save_checkpoint
+from scanclust.config import Config, load_config
+from scanclust.data import build_dataset, view_transform
+from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.losses import masked_cross_entropy
+from scanclust.models import ClusterModel
+from scanclust.rundir import RunDir
+from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
+from scanclust.scan import build_cluster_model, freeze_backbone, load_scan_model, set_train_mode
+from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, progress,
+                                setup_run, to_device)
+
+STAGE = "selflabel"
+
+
+def train_one_epoch(model: ClusterModel, loader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, threshold: float,
+                    class_balance: bool, update_backbone: bool, ema: AveragedModel | None,
+                    device: torch.device, amp: bool, show: bool, desc: str) -> dict[str, Any]:
+    set_train_mode(model, update_backbone)
+    loss_sum = torch.zeros((), device=device)
+    confident = steps = skipped = images = 0
+    start = time.perf_counter()
+    for batch in progress(loader, show, desc):
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            with torch.no_grad():
+                weak_logits = model(batch["weak"])[0]
+            strong_logits = model(batch["strong"])[0]
+        loss, count = masked_cross_entropy(weak_logits, strong_logits, threshold, class_balance)
+        images += len(batch["weak"])
+        confident += count
+        if loss is None:
+            skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss.detach()
+        steps += 1
+    seconds = time.perf_counter() - start
+    return {"loss": float(loss_sum) / max(steps, 1), "confident": confident,
+            "skipped_batches": skipped, "images_per_s": images / max(seconds, 1e-9),
+            "seconds": seconds}
+
+
+def selflabel(config: Config | str | Path | dict | None = None,
+              out: str | Path = "runs/default", *,
+              overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+              force: bool = False) -> dict[str, Any]:
+    """Fine-tune the kept SCAN head by self-labelling; returns the stage summary."""
+    cfg, run = setup_run(config, out, overrides)
+    run.require("scan", STAGE)
+    status = run.prepare(STAGE, resume, force)
+    if status == "done":
+        log.info("selflabel: already done in %s", run.root)
+        return run.summary(STAGE)
+    sl = cfg.selflabel
+    device = resolve_device(cfg.device)
+    model, _ = load_scan_model(run)
+    if not sl.update_backbone:
+        freeze_backbone(model)
+    model.to(device)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(sl.ema), use_buffers=True)
+           if sl.ema is not None else None)
+    dataset = build_dataset(cfg.data, "train")
+    views = ViewsDataset(dataset, {"weak": view_transform(cfg, "eval"),
+                                   "strong": view_transform(cfg, sl.augment)})
+    steps_per_epoch = max(len(dataset) // min(sl.batch_size, len(dataset)), 1)
+    optimizer = build_optimizer(model.parameters(), sl.optim)
+    scheduler = build_scheduler(optimizer, sl.optim, steps_per_epoch * sl.epochs)
+
+    kept = _kept_weights(model, ema)
+    start_epoch, seconds, plateau = 0, 0.0, 0
+    best: dict[str, Any] = {"confident": -1, "epoch": 0, "model": kept}
+    history: list[int] = []
+    if status == "resume":
+        state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch, seconds, plateau = state["epoch"], state["seconds"], state["plateau"]
+        best, history = state["best"], state["history"]
+        log.info("selflabel: resuming at epoch %d/%d", start_epoch, sl.epochs)
+
+    tolerance = sl.plateau_tolerance * len(dataset)
+    epoch = start_epoch
+    while epoch < sl.epochs and not (sl.patience is not None and plateau >= sl.patience):
+        seed_all(derive_seed(cfg.seed, STAGE, epoch))
+        loader = make_loader(views, sl.batch_size, shuffle=True,
+                             seed=derive_seed(cfg.seed, STAGE, "order", epoch),
+                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+        stats = train_one_epoch(model, loader, optimizer, scheduler, sl.threshold,
+                                sl.class_balance, sl.update_backbone, ema, device, cfg.amp,
+                                cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
+        epoch += 1
+        seconds += stats["seconds"]
+        history.append(stats["confident"])
+        if stats["confident"] > best["confident"] + tolerance:
+            best = {"confident": stats["confident"], "epoch": epoch,
+                    "model": _kept_weights(model, ema)}
+            plateau = 0
+        else:
+            plateau += 1
+        run.log(STAGE, epoch=epoch, lr=scheduler.get_last_lr()[0], kept_epoch=best["epoch"],
+                **stats)
+        log.info("selflabel epoch %d/%d  loss %.4f  confident %d/%d  %.0f img/s", epoch,
+                 sl.epochs, stats["loss"], stats["confident"], len(dataset),
+                 stats["images_per_s"])
+        save_checkpoint(run.checkpoint(STAGE), STAGE, {
+            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "rng": capture_rng(), "seconds": seconds, "plateau": plateau,
+            "best": best, "history": history, "config": cfg.to_dict(),
+            "num_clusters": model.num_clusters})
+    if sl.epochs == 0:
+        save_checkpoint(run.checkpoint(STAGE), STAGE, {
+            "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "best": best,
+            "history": [], "config": cfg.to_dict(), "num_clusters": model.num_clusters})
+    summary = {"seconds": seconds, "epochs": epoch, "kept_epoch": best["epoch"],
+               "confident": best["confident"], "num_samples": len(dataset),
+               "stopped_early": epoch < sl.epochs}
+    run.finish(STAGE, summary)
+    return summary
+
+
+def _kept_weights(model: ClusterModel, ema: AveragedModel | None) -> dict[str, torch.Tensor]:
+    return cpu_state(ema.module if ema is not None else model)
+
+
+def load_selflabel_model(run: RunDir) -> tuple[ClusterModel, dict[str, Any]]:
+    """The kept (plateau) weights of a finished self-label stage."""
+    state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+    model = build_cluster_model(load_config(state["config"]), state["num_clusters"], 1)
+    model.load_state_dict(state["best"]["model"])
+    return model, state

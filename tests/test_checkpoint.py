@@ -1,0 +1,123 @@
+"""Checkpoints: round trip, safe loading, atomic writes, clear errors; RNG capture/restore."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scanclust.checkpoint as checkpoint
+from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scanclust.runtime import capture_rng, restore_rng
+
+
+class _Custom:
+    def __init__(self) -> None:
+        self.value = 3
+
+
+def _state() -> dict:
+    torch.manual_seed(0)
+    return {"model": {"w": torch.randn(2, 3), "b": torch.arange(3)},
+            "epoch": 4, "best_loss": 0.25, "name": "scan",
+            "history": [1.0, 2.5], "nested": {"a": {"b": [1, "x"]}}, "rng": capture_rng()}
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    state = _state()
+    path = tmp_path / "sub" / "checkpoint.pt"
+    save_checkpoint(path, "scan", state)
+    loaded = load_checkpoint(path, "scan")
+    assert loaded["stage"] == "scan"
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert torch.equal(loaded["model"]["b"], state["model"]["b"])
+    assert (loaded["epoch"], loaded["best_loss"], loaded["name"]) == (4, 0.25, "scan")
+    assert loaded["history"] == [1.0, 2.5]
+    assert loaded["nested"] == {"a": {"b": [1, "x"]}}
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    assert loaded["rng"]["python"] == state["rng"]["python"]
+
+
+def test_load_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"stage": "scan", "obj": _Custom()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(path)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, "scan", {"epoch": 1})
+
+    def broken_save(obj, handle) -> None:
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # a run killed while saving
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, "scan", {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path, "scan")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_wrong_stage_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, "pretext", {})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, "selflabel")
+    assert "pretext" in str(err.value) and "selflabel" in str(err.value)
+
+
+def test_missing_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "nothing.pt"
+    with pytest.raises(CheckpointError, match="nothing.pt"):
+        load_checkpoint(path)
+
+
+def test_truncated_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, "scan", {"w": torch.randn(100)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path, "scan")
+
+
+def test_non_scanclust_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="plain.pt"):
+        load_checkpoint(path)
+
+
+def _draw() -> tuple[list[float], list[float], list[float]]:
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(),
+            [random.random() for _ in range(3)])
+
+
+def test_restore_rng_reproduces_draws(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    _draw()
+    state = capture_rng()
+    first = _draw()
+    _draw()
+    # through a checkpoint file, as a resumed run does
+    save_checkpoint(tmp_path / "c.pt", "scan", {"rng": state})
+    restore_rng(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert _draw() == first
+
+
+def test_restore_rng_reproduces_python_gauss() -> None:
+    random.seed(1)
+    random.gauss(0, 1)  # leaves the second Box-Muller value cached
+    state = capture_rng()
+    first = random.gauss(0, 1)
+    restore_rng(state)
+    assert random.gauss(0, 1) == first

@@ -1,0 +1,119 @@
+"""Configs: the built-in recipes carry the paper's numbers; mistakes are errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scanclust.config import Config, ConfigError, builtin_configs, load_config
+
+
+@pytest.mark.parametrize("name", builtin_configs())
+def test_builtin_config_loads(name: str) -> None:
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.name == name
+
+
+def test_builtin_configs_include_paper_datasets() -> None:
+    assert {"cifar10", "cifar20", "stl10", "imagenet", "imagenet_50", "imagenet_100",
+            "imagenet_200"} <= set(builtin_configs())
+
+
+def test_cifar10_carries_paper_numbers() -> None:
+    cfg = load_config("cifar10")
+    pre = cfg.pretext
+    assert (pre.method, pre.epochs, pre.batch_size, pre.temperature) == ("simclr", 500, 512, 0.1)
+    assert (pre.optim.name, pre.optim.lr, pre.optim.momentum, pre.optim.weight_decay) == (
+        "sgd", 0.4, 0.9, 1e-4)
+    assert (pre.optim.schedule, pre.optim.final_lr_factor) == ("cosine", 1e-3)
+    scan = cfg.scan
+    assert (scan.optim.name, scan.optim.lr, scan.optim.weight_decay) == ("adam", 1e-4, 1e-4)
+    assert (scan.batch_size, scan.entropy_weight, scan.num_heads) == (128, 5.0, 1)
+    sl = cfg.selflabel
+    assert (sl.threshold, sl.batch_size, sl.epochs, sl.class_balance) == (0.99, 1000, 200, True)
+    assert cfg.mine.topk == 20
+    assert (cfg.augment.strong.cutout, cfg.augment.strong.num_ops) == (16, 4)
+    assert cfg.model.backbone == "resnet18_cifar"
+
+
+def test_imagenet_50_carries_paper_numbers() -> None:
+    cfg = load_config("imagenet_50")
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.scan.num_heads == 10
+    assert (cfg.scan.optim.name, cfg.scan.optim.lr) == ("sgd", 5.0)
+    assert cfg.mine.topk == 50
+    assert cfg.scan.update_backbone is False
+    assert cfg.selflabel.ema == 0.999
+
+
+def test_imagenet_carries_paper_numbers() -> None:
+    cfg = load_config("imagenet")
+    assert (cfg.scan.batch_size, cfg.scan.optim.lr, cfg.mine.topk) == (4096, 30.0, 20)
+
+
+def test_unknown_key_names_dotted_key_and_suggests() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("cifar10", ["scan.epochz=3"])
+    assert "'scan.epochz'" in str(err.value)
+    assert "'scan.epochs'" in str(err.value)
+
+
+def test_unknown_section_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"scna.epochs": 3})
+    assert "'scna'" in str(err.value)
+    assert "'scan'" in str(err.value)
+
+
+def test_unknown_key_in_yaml_file_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("scan:\n  epochs: 3\n  entropy_weigth: 2.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "'scan.entropy_weigth'" in message
+    assert "'scan.entropy_weight'" in message
+    assert str(path) in message
+
+
+def test_wrong_type_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"'scan\.epochs'.*'abc'"):
+        load_config("cifar10", ["scan.epochs=abc"])
+
+
+def test_bad_choice_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"'model\.backbone'"):
+        load_config("cifar10", ["model.backbone=resnet19"])
+
+
+def test_overrides_parse_yaml_values() -> None:
+    cfg = load_config("cifar10", ["scan.epochs=7", "scan.optim.lr=1e-4", "selflabel.ema=0.99",
+                                  "data.mean=[0.5, 0.5, 0.5]", "scan.num_neighbors=null",
+                                  "selflabel.ema=null", "model.num_clusters=20",
+                                  "augment.strong.ops=[identity, rotate]",
+                                  "augment.strong.num_ops=2"])
+    assert cfg.scan.epochs == 7 and isinstance(cfg.scan.epochs, int)
+    assert cfg.scan.optim.lr == 1e-4 and isinstance(cfg.scan.optim.lr, float)
+    assert cfg.data.mean == [0.5, 0.5, 0.5]
+    assert cfg.scan.num_neighbors is None
+    assert cfg.selflabel.ema is None  # the later override wins
+    assert cfg.model.num_clusters == 20
+    assert cfg.augment.strong.ops == ["identity", "rotate"]
+
+
+def test_dict_overrides_win_over_file() -> None:
+    cfg = load_config("cifar10", {"scan.batch_size": 16, "seed": 3})
+    assert (cfg.scan.batch_size, cfg.seed) == (16, 3)
+
+
+def test_override_without_equals_is_error() -> None:
+    with pytest.raises(ConfigError, match="scan.epochs"):
+        load_config("cifar10", ["scan.epochs"])
+
+
+@pytest.mark.parametrize("source", ["no_such_config", "missing/dir/config.yaml"])
+def test_missing_config_names_it(source: str) -> None:
+    with pytest.raises(ConfigError, match=source):
+        load_config(source)

@@ -1,0 +1,269 @@
+"""Whole runs at toy scale: the CLI end to end, resume after a kill, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scanclust
+from scanclust.checkpoint import CheckpointError, load_checkpoint
+from scanclust.config import ConfigError
+from scanclust.data import build_dataset
+from scanclust.rundir import RunDirError
+from tests.conftest import TINY
+
+# ``scanclust.scan`` is the stage function; the modules hold the training loops to interrupt.
+pretext_module = importlib.import_module("scanclust.pretext")
+scan_module = importlib.import_module("scanclust.scan")
+selflabel_module = importlib.import_module("scanclust.selflabel")
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scanclust", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny run through the command line, shared by the checks below."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = cli("run", "--config", "demo", "--out", str(out), *TINY)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_cli_run_writes_metrics_in_the_documented_format(finished_run: Path) -> None:
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["dataset"] == "digits" and metrics["num_clusters"] == 10
+    assert set(metrics["stages"]) == {"kmeans", "scan", "selflabel"}
+    for row in metrics["stages"].values():
+        for key in ("acc", "nmi", "ari", "ami"):
+            assert 0.0 <= row[key] <= 1.0 or key in ("ari", "ami")
+        assert row["num_samples"] == 200
+    assert set(metrics["neighbors"]) == {"purity@1", "purity@5"}  # topk=5 in the tiny run
+    assert set(metrics["seconds"]) == {"pretext", "mine", "scan", "selflabel", "evaluate"}
+
+
+def test_cli_run_writes_every_file_of_the_run_directory(finished_run: Path) -> None:
+    for name in ("config.yaml", "log.jsonl", "neighbors/train.npy", "neighbors/val.npy",
+                 "neighbors/purity.json", "figures/selflabel_confusion.png",
+                 "figures/scan_prototypes.png", "figures/selflabel_low_confidence.png"):
+        assert (finished_run / name).is_file(), name
+    neighbors = np.load(finished_run / "neighbors/train.npy")
+    assert neighbors.shape == (200, 5)
+    assert not (neighbors == np.arange(200)[:, None]).any()  # nobody is their own neighbour
+    stages = [json.loads(line)["stage"] for line in (finished_run / "log.jsonl").open()]
+    assert stages.count("pretext") == 2 and stages.count("scan") == 2
+    for stage in ("pretext", "scan", "selflabel"):
+        state = load_checkpoint(finished_run / stage / "checkpoint.pt", stage)
+        assert state["epoch"] == 2 and "optimizer" in state and "rng" in state
+
+
+def test_predict_agrees_with_evaluation(finished_run: Path) -> None:
+    clusterer = scanclust.load(finished_run, device="cpu")
+    assert clusterer.stage == "selflabel"
+    val = build_dataset(clusterer.config.data, "val")
+    labels, probs = clusterer.predict([val.load(i) for i in range(len(val))])
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    sizes = np.bincount(labels, minlength=10).tolist()
+    assert sizes == metrics["stages"]["selflabel"]["cluster_sizes"]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_rerun_without_resume_refuses_and_keeps_results(finished_run: Path) -> None:
+    before = digest(finished_run / "pretext" / "checkpoint.pt")
+    result = cli("run", "--config", "demo", "--out", str(finished_run), *TINY)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--resume" in result.stderr
+    assert digest(finished_run / "pretext" / "checkpoint.pt") == before
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run: Path) -> None:
+    before = digest(finished_run / "selflabel" / "checkpoint.pt")
+    result = cli("run", "--config", "demo", "--out", str(finished_run), "--resume", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert digest(finished_run / "selflabel" / "checkpoint.pt") == before
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the stage stops between epochs, after a checkpoint."""
+
+
+def kill_at_epoch(monkeypatch: pytest.MonkeyPatch, module, epoch: int) -> None:
+    real = module.train_one_epoch
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_one_epoch", wrapped)
+
+
+def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ov = TINY + ["pretext.epochs=3", "scan.epochs=3", "selflabel.epochs=3"]
+    straight = tmp_path / "straight"
+    for stage in (scanclust.pretext, scanclust.mine, scanclust.scan, scanclust.selflabel):
+        stage("demo", straight, overrides=ov)
+
+    resumed = tmp_path / "resumed"
+    for module, stage in ((pretext_module, scanclust.pretext), (None, scanclust.mine),
+                          (scan_module, scanclust.scan), (selflabel_module, scanclust.selflabel)):
+        if module is not None:
+            with monkeypatch.context() as m:
+                kill_at_epoch(m, module, 2)
+                with pytest.raises(Killed):
+                    stage("demo", resumed, overrides=ov)
+            assert load_checkpoint(resumed / module.STAGE / "checkpoint.pt")["epoch"] == 1
+            with pytest.raises(RunDirError, match="unfinished"):
+                stage("demo", resumed, overrides=ov)
+        stage("demo", resumed, overrides=ov, resume=module is not None)
+
+    for stage in ("pretext", "scan", "selflabel"):
+        a = load_checkpoint(straight / stage / "checkpoint.pt")
+        b = load_checkpoint(resumed / stage / "checkpoint.pt")
+        assert a["epoch"] == b["epoch"] == 3
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), f"{stage}: {key} differs after resume"
+    assert np.array_equal(np.load(straight / "neighbors/train.npy"),
+                          np.load(resumed / "neighbors/train.npy"))
+
+
+def test_force_keeps_the_old_output_aside(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    scanclust.pretext("demo", out, overrides=TINY + ["pretext.epochs=1"])
+    scanclust.pretext("demo", out, overrides=TINY + ["pretext.epochs=1"], force=True)
+    aside = [p for p in tmp_path.joinpath("run").iterdir() if p.name.startswith("pretext.old-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoint.pt").is_file()
+
+
+def test_k_zero_trains_on_the_anchor_itself(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ov = TINY + ["scan.num_neighbors=0", "pretext.epochs=1", "scan.epochs=1"]
+    scanclust.pretext("demo", out, overrides=ov)
+    scanclust.mine("demo", out, overrides=ov)
+    summary = scanclust.scan("demo", out, overrides=ov)
+    assert summary["best_epoch"] == 1 and np.isfinite(summary["best_loss"])
+
+
+def test_several_heads_keep_the_lowest_loss_head(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ov = TINY + ["scan.num_heads=3", "pretext.epochs=1", "scan.epochs=2"]
+    scanclust.pretext("demo", out, overrides=ov)
+    scanclust.mine("demo", out, overrides=ov)
+    summary = scanclust.scan("demo", out, overrides=ov)
+    history = load_checkpoint(out / "scan" / "checkpoint.pt")["history"]
+    losses = np.array(history)  # [epochs, heads]
+    epoch, head = np.unravel_index(losses.argmin(), losses.shape)
+    assert (summary["best_epoch"], summary["best_head"]) == (epoch + 1, head)
+    assert summary["best_loss"] == pytest.approx(losses.min())
+
+
+def test_seeds_report_mean_and_std(tmp_path: Path) -> None:
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=1", "selflabel.epochs=1"]
+    summary = scanclust.run("demo", tmp_path / "seeds", overrides=ov, seeds=2)
+    acc = summary["mean_std"]["stages"]["scan"]["acc"]
+    accs = [json.loads((tmp_path / "seeds" / f"seed_{i}" / "metrics.json").read_text())
+            ["stages"]["scan"]["acc"] for i in range(2)]
+    assert acc["n"] == 2 and acc["mean"] == pytest.approx(np.mean(accs))
+    assert acc["std"] == pytest.approx(np.std(accs))
+    assert summary["seeds"] == [0, 1]
+
+
+def test_image_folder_pipeline_on_real_jpegs(cifar_jpeg: Path, tmp_path: Path) -> None:
+    ov = [o for o in TINY if not o.startswith(("data.dataset", "data.image_size", "data.max"))]
+    ov += ["data.dataset=folder", f"data.root={cifar_jpeg / 'train'}",
+           f"data.val_root={cifar_jpeg / 'test'}", "data.image_size=32",
+           "data.mean=[0.49, 0.48, 0.45]", "data.std=[0.25, 0.24, 0.26]"]
+    metrics = scanclust.run("demo", tmp_path / "folder", overrides=ov)
+    assert metrics["dataset"] == "folder" and metrics["num_clusters"] == 10
+    assert metrics["stages"]["selflabel"]["num_samples"] == 100
+    assert 0.0 <= metrics["neighbors"]["purity@1"] <= 1.0
+
+
+# --- bad input: one line naming the problem, exit code 2, nothing lost ---------------------
+
+def test_unknown_config_key_names_it() -> None:
+    result = cli("pretext", "--config", "demo", "--out", "unused", "scan.epochz=3")
+    assert result.returncode == 2
+    assert "scan.epochz" in result.stderr and "scan.epochs" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_missing_dataset_root_names_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("pretext", "--config", "cifar10", "--out", str(tmp_path / "run"),
+                 f"data.root={empty}", "data.download=false", "device=cpu")
+    assert result.returncode == 2
+    assert f"data.root={empty}" in result.stderr and "CIFAR-10" in result.stderr
+
+
+def test_missing_config_file_names_it(tmp_path: Path) -> None:
+    result = cli("run", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+def test_topk_larger_than_the_data_is_an_error_and_pretext_survives(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ov = TINY + ["data.max_images=12", "mine.topk=20", "pretext.epochs=1", "pretext.batch_size=6"]
+    scanclust.pretext("demo", out, overrides=ov)
+    before = digest(out / "pretext" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="mine.topk"):
+        scanclust.mine("demo", out, overrides=ov)
+    assert digest(out / "pretext" / "checkpoint.pt") == before
+
+
+def test_more_clusters_than_images_is_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ov = TINY + ["data.max_images=30", "model.num_clusters=40", "pretext.epochs=1"]
+    scanclust.pretext("demo", out, overrides=ov)
+    scanclust.mine("demo", out, overrides=ov)
+    with pytest.raises(ConfigError, match="model.num_clusters"):
+        scanclust.scan("demo", out, overrides=ov)
+
+
+def test_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=1"]
+    for stage in (scanclust.pretext, scanclust.mine, scanclust.scan):
+        stage("demo", out, overrides=ov)
+    (out / "pretext" / "checkpoint.pt").write_bytes((out / "scan" / "checkpoint.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="'scan' stage, expected 'pretext'"):
+        scanclust.mine("demo", out, overrides=ov, force=True)
+    assert (out / "scan" / "checkpoint.pt").is_file()
+
+
+def test_stage_without_its_input_says_what_to_run(tmp_path: Path) -> None:
+    result = cli("scan", "--config", "demo", "--out", str(tmp_path / "run"), *TINY)
+    assert result.returncode == 2 and "scanclust mine" in result.stderr
+
+
+def test_demo_meets_its_promise(tmp_path: Path) -> None:
+    """The README's first command: offline, CPU, <= 180 s, ACC >= 0.88, SCAN above k-means."""
+    started = time.perf_counter()
+    result = cli("demo", "--out", str(tmp_path / "demo"), "--quiet", cwd=tmp_path)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert "kmeans" in result.stdout and "selflabel" in result.stdout
+    stages = json.loads((tmp_path / "demo" / "metrics.json").read_text())["stages"]
+    assert stages["selflabel"]["acc"] >= 0.88
+    assert stages["scan"]["acc"] > stages["kmeans"]["acc"]
+    assert (tmp_path / "demo" / "figures" / "selflabel_confusion.png").is_file()
+    assert seconds <= 180, f"demo took {seconds:.0f} s"

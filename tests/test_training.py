@@ -1,0 +1,83 @@
+"""Learning-rate schedules and the run-directory guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scanclust.config import OptimConfig
+from scanclust.rundir import RunDir, RunDirError
+from scanclust.training import build_scheduler
+
+
+def _lrs(cfg: OptimConfig, total_steps: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    lrs = []
+    for _ in range(total_steps + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_cosine_schedule_start_middle_end() -> None:
+    cfg = OptimConfig(name="sgd", lr=0.4, schedule="cosine", final_lr_factor=1e-3)
+    lrs = _lrs(cfg, total_steps=10)
+    assert lrs[0] == pytest.approx(0.4)
+    # half way cos(pi/2) = 0: lr * (f + (1 - f) / 2) = 0.4 * 0.5005 = 0.2002
+    assert lrs[5] == pytest.approx(0.4 * (1e-3 + (1 - 1e-3) / 2))
+    assert lrs[10] == pytest.approx(0.4 * 1e-3)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_constant_schedule() -> None:
+    cfg = OptimConfig(lr=1e-4, schedule="constant")
+    assert _lrs(cfg, total_steps=5) == pytest.approx([1e-4] * 6)
+
+
+def test_prepare_fresh(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    assert run.prepare("scan", resume=False, force=False) == "fresh"
+    assert run.stage_dir("scan").is_dir()
+
+
+def _finished(run: RunDir) -> None:
+    run.stage_dir("scan").mkdir(parents=True)
+    run.checkpoint("scan").write_bytes(b"weights")
+    run.finish("scan", {"seconds": 1.0})
+
+
+def test_prepare_finished_without_resume_refuses(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    _finished(run)
+    with pytest.raises(RunDirError, match="--resume"):
+        run.prepare("scan", resume=False, force=False)
+
+
+def test_prepare_finished_with_resume_is_done(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    _finished(run)
+    assert run.prepare("scan", resume=True, force=False) == "done"
+
+
+def test_prepare_unfinished_with_resume_resumes(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.stage_dir("scan").mkdir(parents=True)
+    run.checkpoint("scan").write_bytes(b"weights")
+    assert run.prepare("scan", resume=True, force=False) == "resume"
+    with pytest.raises(RunDirError, match="unfinished"):
+        run.prepare("scan", resume=False, force=False)
+
+
+def test_prepare_force_moves_old_output_aside(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    _finished(run)
+    assert run.prepare("scan", resume=False, force=True) == "fresh"
+    assert list(run.stage_dir("scan").iterdir()) == []
+    (aside,) = [p for p in run.root.iterdir() if p.name.startswith("scan.old-")]
+    assert (aside / "checkpoint.pt").read_bytes() == b"weights"
+    assert (aside / "summary.json").is_file()
