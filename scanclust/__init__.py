@@ -6,6 +6,7 @@ chains them. The command line calls the same functions.
 """
 
 from scanclust.config import Config, ConfigError, load_config
+from scanclust.errors import UserError
 from scanclust.evaluate import evaluate
 from scanclust.mine import mine
 from scanclust.pipeline import run
@@ -16,5 +17,5 @@ from scanclust.selflabel import selflabel
 
 __version__ = "0.1.0"
 
-__all__ = ["Clusterer", "Config", "ConfigError", "evaluate", "load", "load_config", "mine",
-           "predict", "pretext", "run", "scan", "selflabel"]
+__all__ = ["Clusterer", "Config", "ConfigError", "UserError", "evaluate", "load", "load_config",
+           "mine", "predict", "pretext", "run", "scan", "selflabel"]

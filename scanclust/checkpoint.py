@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from scanclust.errors import UserError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from another stage."""
 
 

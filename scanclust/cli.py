@@ -14,14 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from scanclust.checkpoint import CheckpointError
 from scanclust.config import ConfigError, builtin_configs, load_config
-from scanclust.data import DatasetError
 from scanclust.demo import demo
+from scanclust.errors import UserError
 from scanclust.pipeline import STAGE_FUNCTIONS, run
-from scanclust.rundir import RunDirError
-
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RunDirError, FileNotFoundError)
 
 STAGE_HELP = {
     "pretext": "train the backbone with SimCLR (or load pretext.weights)",
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", stream=sys.stderr)
     try:
         return _dispatch(args)
-    except USER_ERRORS as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"scanclust: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

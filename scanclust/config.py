@@ -18,6 +18,8 @@ from typing import Any, Union
 
 import yaml
 
+from scanclust.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 DATASETS = ("cifar10", "cifar20", "stl10", "imagenet", "imagenet_50", "imagenet_100",
@@ -28,7 +30,7 @@ STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "col
               "posterize")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem; the message names the offending key or file."""
 
 
@@ -113,6 +115,7 @@ class MineConfig:
     features: str = "head"  # head (SimCLR projection, L2-normalised) | backbone
     batch_size: int = 512  # images per forward pass when extracting features
     chunk_size: int = 4096  # side of a similarity block: memory is chunk_size^2 floats
+    backend: str = "auto"  # auto | torch (chunked matmul, any device) | faiss (CPU, if installed)
 
 
 @dataclass
@@ -124,6 +127,7 @@ class ScanConfig:
     num_neighbors: int | None = None  # None: all mined; 0: the anchor's own augmentation
     update_backbone: bool = True
     augment: str = "strong"  # strong | simclr
+    cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -136,6 +140,7 @@ class SelfLabelConfig:
     ema: float | None = None  # decay of an exponential moving average of the weights
     update_backbone: bool = True
     augment: str = "strong"  # strong | simclr
+    cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
     plateau_tolerance: float = 0.001  # growth of the confident count below this share of N is a plateau
     patience: int | None = None  # stop after this many epochs on a plateau; None runs all epochs
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -148,6 +153,17 @@ class EvaluateConfig:
     kmeans_restarts: int = 10
     figures: bool = True
     num_low_confidence: int = 32
+
+
+@dataclass
+class PerfConfig:
+    """Speed switches; none changes the method, each is correct on every device."""
+
+    data_path: str = "auto"  # auto | device (data set on the device, batched augs) | workers
+    device_data_gb: float = 4.0  # auto holds a data set on the device up to this size
+    channels_last: bool = True  # NHWC activations: faster convolutions with bf16 on GPUs
+    compile: bool = False  # torch.compile the model (minutes of compile time, then faster)
+    optimizer_impl: str = "auto"  # auto | fused | foreach | loop
 
 
 @dataclass
@@ -165,6 +181,7 @@ class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
     selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -363,15 +380,23 @@ def validate(cfg: Config) -> None:
     _require(cfg.mine.topk >= 1, "mine.topk", "must be >= 1")
     _choice(cfg.mine.features, "mine.features", ("head", "backbone"))
     _require(cfg.mine.chunk_size >= 1, "mine.chunk_size", "must be >= 1")
+    _choice(cfg.mine.backend, "mine.backend", ("auto", "torch", "faiss"))
     _require(cfg.scan.num_heads >= 1, "scan.num_heads", "must be >= 1")
     _require(cfg.scan.num_neighbors is None or 0 <= cfg.scan.num_neighbors <= cfg.mine.topk,
              "scan.num_neighbors", f"must be between 0 and mine.topk={cfg.mine.topk}")
     _require(cfg.scan.entropy_weight >= 0, "scan.entropy_weight", "must be >= 0")
-    _choice(cfg.scan.augment, "scan.augment", ("strong", "simclr"))
-    _choice(cfg.selflabel.augment, "selflabel.augment", ("strong", "simclr"))
+    for stage in ("scan", "selflabel"):
+        sc = getattr(cfg, stage)
+        _choice(sc.augment, f"{stage}.augment", ("strong", "simclr"))
+        _require(sc.cached_views >= 0, f"{stage}.cached_views", "must be >= 0")
+        _require(sc.cached_views == 0 or not sc.update_backbone, f"{stage}.cached_views",
+                 f"cached features need a frozen backbone ({stage}.update_backbone=false)")
     _require(0 < cfg.selflabel.threshold < 1, "selflabel.threshold", "must be in (0, 1)")
     _require(cfg.selflabel.ema is None or 0 < cfg.selflabel.ema < 1, "selflabel.ema",
              "must be in (0, 1) or null")
+    _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers"))
+    _require(cfg.perf.device_data_gb >= 0, "perf.device_data_gb", "must be >= 0")
+    _choice(cfg.perf.optimizer_impl, "perf.optimizer_impl", ("auto", "fused", "foreach", "loop"))
     for stage in ("pretext", "scan", "selflabel"):
         sc = getattr(cfg, stage)
         _require(sc.epochs >= 0, f"{stage}.epochs", "must be >= 0")

@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from scanclust.config import Config
-from scanclust.data import ImageDataset, build_dataset, view_transform
+from scanclust.data import ImageDataset, build_dataset
+from scanclust.data.paths import data_path_for
 from scanclust.figures import low_confidence_indices, plot_confusion, plot_image_grid, prototype_indices
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
@@ -25,7 +26,7 @@ from scanclust.rundir import STAGES, RunDir, write_json
 from scanclust.runtime import resolve_device
 from scanclust.scan import load_scan_model, predict_logits
 from scanclust.selflabel import load_selflabel_model
-from scanclust.training import log, setup_run
+from scanclust.training import log, prepare_model, begin_stage
 
 STAGE = "evaluate"
 MINIBATCH_KMEANS_ABOVE = 200_000  # full k-means on ImageNet-size features takes hours
@@ -47,10 +48,10 @@ def kmeans_baseline(train_features: np.ndarray, val_features: np.ndarray, cluste
 def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, device: torch.device,
                    num_clusters: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Metrics of one cluster model on a split; also returns its probabilities and embeddings."""
-    model.to(device)
-    logits, feats = predict_logits(model, dataset, view_transform(cfg, "eval"),
+    prepare_model(model, cfg, device)
+    logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
-                                   cfg.data.num_workers, cfg.progress, "evaluate")
+                                   cfg.perf.channels_last, cfg.progress, "evaluate")
     probs = torch.softmax(logits[0], dim=1).numpy()
     pred = probs.argmax(1)
     metrics = label_metrics(pred, dataset, num_clusters, probs)
@@ -113,11 +114,9 @@ def evaluate(config: Config | str | Path | dict | None = None, out: str | Path =
     """Write ``metrics.json`` and the figures for every finished stage of the run.
 
     Evaluation derives everything from the stages' outputs, so it is always recomputed;
-    ``resume`` and ``force`` are accepted for a uniform stage signature.
+    ``resume`` and ``force`` change nothing here and are accepted for a uniform signature.
     """
-    del resume, force
-    cfg, run = setup_run(config, out, overrides)
-    run.require("mine", STAGE)
+    cfg, run, _ = begin_stage(STAGE, config, out, overrides, resume, force, needs="mine")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     val_set = build_dataset(cfg.data, "val")

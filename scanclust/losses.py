@@ -26,6 +26,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, target)
 
 
+def cluster_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 softmax over the last (cluster) dimension.
+
+    Computed with the clusters moved off the last axis: CPU softmax kernels are slow on a short
+    last axis (measured on 2 cores: 464 us vs 36 us for [10, 512, 10]), which made the softmax
+    the largest cost of a head-only SCAN step. The values are the same.
+    """
+    moved = logits.float().transpose(-1, -2).contiguous()
+    return F.softmax(moved, dim=-2).transpose(-1, -2)
+
+
 def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor,
               entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SCAN loss (paper eq. 2) per head: ``consistency - entropy_weight * entropy``.
@@ -35,8 +46,8 @@ def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor,
     that of the batch-mean prediction, which the loss maximises so that samples spread over
     the clusters instead of collapsing into one.
     """
-    p_anchor = F.softmax(anchor_logits.float(), dim=-1)
-    p_neighbor = F.softmax(neighbor_logits.float(), dim=-1)
+    p_anchor = cluster_probabilities(anchor_logits)
+    p_neighbor = cluster_probabilities(neighbor_logits)
     similarity = (p_anchor * p_neighbor).sum(-1)
     consistency = -torch.log(similarity.clamp_min(EPS)).mean(-1)
     p_mean = p_anchor.mean(-2)

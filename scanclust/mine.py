@@ -18,27 +18,27 @@ from torch import nn
 
 from scanclust.checkpoint import load_checkpoint
 from scanclust.config import Config, ConfigError
-from scanclust.data import ImageDataset, build_dataset, view_transform
-from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.data import ImageDataset, build_dataset
+from scanclust.data.paths import DevicePath, WorkerPath, data_path_for
 from scanclust.pretext import build_contrastive_model
 from scanclust.rundir import write_json
 from scanclust.runtime import autocast, resolve_device
-from scanclust.training import log, progress, setup_run, to_device
+from scanclust.training import log, prepare_model, progress, begin_stage, to_device
 
 STAGE = "mine"
 PURITY_KS = (1, 5, 20)
 
 
 @torch.no_grad()
-def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
-                     transform: Callable, batch_size: int, device: torch.device, amp: bool,
-                     num_workers: int, show: bool, desc: str = "features") -> torch.Tensor:
+def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], data: WorkerPath | DevicePath,
+                     dataset: ImageDataset, batch_size: int, device: torch.device, amp: bool,
+                     channels_last: bool, show: bool, desc: str = "features") -> torch.Tensor:
     """``encode`` applied to the eval view of every image, in data set order, float32 on CPU."""
-    loader = make_loader(ViewsDataset(dataset, {"image": transform}), batch_size, shuffle=False,
-                         seed=0, num_workers=num_workers, train=False)
+    batches = data.views(dataset, {"image": "eval"}, batch_size, shuffle=False, seed=0,
+                         train=False)
     chunks = []
-    for batch in progress(loader, show, desc):
-        images = to_device(batch, device)["image"]
+    for batch in progress(batches, show, desc):
+        images = to_device(batch, device, channels_last)["image"]
         with autocast(device, amp):
             chunks.append(encode(images).float().cpu())
     return torch.cat(chunks)
@@ -82,6 +82,53 @@ def knn(features: torch.Tensor, k: int, chunk_size: int = 4096,
     return indices, sims
 
 
+def knn_faiss(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` cosine neighbours with faiss's flat inner-product index (CPU).
+
+    Same contract as ``knn``. faiss returns each row among its own results; it is removed by
+    position, and where k + 1 exact duplicates push it out, the last result is dropped instead.
+    """
+    import faiss
+
+    n = len(features)
+    if k >= n:
+        raise ValueError(f"cannot find {k} neighbours among {n} samples")
+    feats = F.normalize(features.float(), dim=1).numpy()
+    index = faiss.IndexFlatIP(feats.shape[1])
+    index.add(feats)
+    sims, idx = index.search(feats, k + 1)
+    own = idx == np.arange(n)[:, None]
+    own[~own.any(1), k] = True
+    keep = ~own
+    return (torch.from_numpy(idx[keep].reshape(n, k)).long(),
+            torch.from_numpy(sims[keep].reshape(n, k)))
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mine_neighbors(features: torch.Tensor, k: int, backend: str, chunk_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Top-k neighbour indices with the configured backend.
+
+    ``auto`` takes the chunked matmul on a GPU and faiss on the CPU when it is installed: the
+    faster of the two on each (``benchmarks/mining.py`` times both).
+    """
+    if backend == "auto":
+        backend = "faiss" if device.type == "cpu" and faiss_available() else "torch"
+    if backend == "faiss":
+        if not faiss_available():
+            raise ConfigError("config key 'mine.backend': faiss is not installed "
+                              "(pip install 'scanclust[fast]'), use torch or auto")
+        return knn_faiss(features, k)[0]
+    return knn(features, k, chunk_size, device)[0]
+
+
 def neighbor_purity(neighbors: np.ndarray, targets: np.ndarray,
                     ks: tuple[int, ...] = PURITY_KS) -> dict[str, float]:
     """Share of the first k neighbours with the anchor's class, for each k available."""
@@ -103,20 +150,17 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
          overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
          force: bool = False) -> dict[str, Any]:
     """Extract features of the train and val splits, mine neighbours, report purity."""
-    cfg, run = setup_run(config, out, overrides)
-    run.require("pretext", STAGE)
-    status = run.prepare(STAGE, resume, force)
+    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="pretext")
     if status == "done":
-        log.info("mine: already done in %s", run.root)
         return run.summary(STAGE)
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     state = load_checkpoint(run.checkpoint("pretext"), "pretext")
     model = build_contrastive_model(cfg)
     model.load_state_dict(state["model"])
-    model.to(device).eval()
+    prepare_model(model, cfg, device)
+    model.eval()
     encode = _encoder(model, cfg.mine.features, state.get("has_head", True))
-    transform = view_transform(cfg, "eval")
     mc = cfg.mine
 
     summary: dict[str, Any] = {"topk": mc.topk, "features": mc.features}
@@ -130,10 +174,10 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             k = len(dataset) - 1  # val neighbours only feed the held-out SCAN loss
             if k < 1:
                 continue
-        feats = extract_features(encode, dataset, transform, mc.batch_size, device, cfg.amp,
-                                 cfg.data.num_workers, cfg.progress, f"features {split}")
-        indices, _ = knn(feats, k, mc.chunk_size, device)
-        neighbors = indices.numpy()
+        feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
+                                 mc.batch_size, device, cfg.amp, cfg.perf.channels_last,
+                                 cfg.progress, f"features {split}")
+        neighbors = mine_neighbors(feats, k, mc.backend, mc.chunk_size, device).numpy()
         np.save(run.neighbors(split), neighbors)
         np.save(run.features(split), feats.numpy().astype(np.float16))
         np.save(run.stage_dir(STAGE) / f"targets_{split}.npy", dataset.targets)

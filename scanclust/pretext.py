@@ -15,13 +15,13 @@ from torch import nn
 
 from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scanclust.config import Config
-from scanclust.data import build_dataset, view_transform
-from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.data import build_dataset
+from scanclust.data.paths import data_path_for, num_batches
 from scanclust.losses import nt_xent
 from scanclust.models import ContrastiveModel, build_backbone
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
-from scanclust.training import (build_optimizer, build_scheduler, log, progress, setup_run,
-                                to_device)
+from scanclust.training import (build_optimizer, build_scheduler, log, prepare_model, progress,
+                                begin_stage, to_device)
 
 STAGE = "pretext"
 
@@ -31,15 +31,16 @@ def build_contrastive_model(cfg: Config) -> ContrastiveModel:
     return ContrastiveModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, temperature: float,
-                    device: torch.device, amp: bool, show: bool, desc: str) -> dict[str, float]:
+                    device: torch.device, amp: bool, channels_last: bool, show: bool,
+                    desc: str) -> dict[str, float]:
     model.train()
     total = torch.zeros((), device=device)
     steps = images = 0
     start = time.perf_counter()
-    for batch in progress(loader, show, desc):
-        batch = to_device(batch, device)
+    for batch in progress(batches, show, desc):
+        batch = to_device(batch, device, channels_last)
         # One forward pass over both views: batch norm sees the same statistics for each.
         views = torch.cat([batch["view1"], batch["view2"]])
         with autocast(device, amp):
@@ -52,32 +53,30 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
         total += loss.detach()
         steps += 1
         images += len(views) // 2
+    mean_loss = float(total) / max(steps, 1)  # the epoch's only host sync
     seconds = time.perf_counter() - start
-    return {"loss": float(total) / max(steps, 1), "images_per_s": images / max(seconds, 1e-9),
-            "seconds": seconds}
+    return {"loss": mean_loss, "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
 def pretext(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
             force: bool = False) -> dict[str, Any]:
     """Train the pretext model; returns the stage summary (also in ``pretext/summary.json``)."""
-    cfg, run = setup_run(config, out, overrides)
-    status = run.prepare(STAGE, resume, force)
+    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force)
     if status == "done":
-        log.info("pretext: already done in %s", run.root)
         return run.summary(STAGE)
     device = resolve_device(cfg.device)
     seed_all(derive_seed(cfg.seed, STAGE, "init"))
-    model = build_contrastive_model(cfg).to(device)
+    model = build_contrastive_model(cfg)
     if cfg.pretext.method == "weights":
         return _from_weights(cfg, run, model)
 
     dataset = build_dataset(cfg.data, "pretext")
     pc = cfg.pretext
-    augment = view_transform(cfg, "simclr")
-    views = ViewsDataset(dataset, {"view1": augment, "view2": augment})
-    steps_per_epoch = max(len(dataset) // min(pc.batch_size, len(dataset)), 1)
-    optimizer = build_optimizer(model.parameters(), pc.optim)
+    data = data_path_for(cfg, device, dataset)
+    forward = prepare_model(model, cfg, device)
+    steps_per_epoch = num_batches(len(dataset), pc.batch_size, True)[1]
+    optimizer = build_optimizer(model.parameters(), pc.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, pc.optim, steps_per_epoch * pc.epochs)
     start_epoch, seconds = 0, 0.0
     if status == "resume":
@@ -92,15 +91,16 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
     stats: dict[str, float] = {}
     for epoch in range(start_epoch, pc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        loader = make_loader(views, pc.batch_size, shuffle=True,
-                             seed=derive_seed(cfg.seed, STAGE, "order", epoch),
-                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-        stats = train_one_epoch(model, loader, optimizer, scheduler, pc.temperature, device,
-                                cfg.amp, cfg.progress, f"pretext {epoch + 1}/{pc.epochs}")
+        batches = data.views(dataset, {"view1": "simclr", "view2": "simclr"}, pc.batch_size,
+                             shuffle=True, seed=derive_seed(cfg.seed, STAGE, "order", epoch),
+                             train=True)
+        stats = train_one_epoch(forward, batches, optimizer, scheduler, pc.temperature, device,
+                                cfg.amp, cfg.perf.channels_last, cfg.progress,
+                                f"pretext {epoch + 1}/{pc.epochs}")
         seconds += stats["seconds"]
         run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], **stats)
-        log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s", epoch + 1, pc.epochs,
-                 stats["loss"], stats["images_per_s"])
+        log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s (%s data path)", epoch + 1,
+                 pc.epochs, stats["loss"], stats["images_per_s"], data.name)
         save_checkpoint(run.checkpoint(STAGE), STAGE, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
@@ -110,7 +110,7 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
             "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "config": cfg.to_dict(),
             "has_head": True})
     summary = {"seconds": seconds, "epochs": pc.epochs, "final_loss": stats.get("loss"),
-               "images_per_s": stats.get("images_per_s")}
+               "images_per_s": stats.get("images_per_s"), "data_path": data.name}
     run.finish(STAGE, summary)
     return summary
 

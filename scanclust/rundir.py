@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scanclust.errors import UserError
+
 STAGES = ("pretext", "mine", "scan", "selflabel", "evaluate")
 STAGE_DIRS = {"pretext": "pretext", "mine": "neighbors", "scan": "scan", "selflabel": "selflabel"}
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory is not in the state the requested stage needs."""
 
 

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from scanclust.checkpoint import load_checkpoint, save_checkpoint
 from scanclust.config import Config, ConfigError, load_config
-from scanclust.data import ImageDataset, build_dataset, view_transform
-from scanclust.data.loaders import NeighborsDataset, ViewsDataset, make_loader
-from scanclust.losses import scan_loss
+from scanclust.cached import FeaturePath, cache_features, feature_store
+from scanclust.data import ImageDataset, build_dataset
+from scanclust.data.paths import DevicePath, WorkerPath, data_path_for, num_batches
+from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, backbone_state, build_backbone
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
-from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, progress,
-                                setup_run, to_device)
+from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, prepare_model,
+                                progress, begin_stage, to_device)
 
 STAGE = "scan"
 
@@ -60,19 +61,22 @@ def set_train_mode(model: ClusterModel, update_backbone: bool) -> None:
         model.backbone.eval()
 
 
-def train_one_epoch(model: ClusterModel, loader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: ClusterModel, forward: Callable, batches,
+                    optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, entropy_weight: float,
-                    update_backbone: bool, device: torch.device, amp: bool, show: bool,
-                    desc: str) -> dict[str, Any]:
+                    update_backbone: bool, device: torch.device, amp: bool, channels_last: bool,
+                    show: bool, desc: str) -> dict[str, Any]:
+    """One epoch of SCAN. ``forward`` maps a batch to ``[H, B, C]`` logits: the (possibly
+    compiled) model on images, or ``model.forward_heads`` on cached features."""
     set_train_mode(model, update_backbone)
     sums = torch.zeros(3, device=device)
     steps = images = 0
     start = time.perf_counter()
-    for batch in progress(loader, show, desc):
-        batch = to_device(batch, device)
+    for batch in progress(batches, show, desc):
+        batch = to_device(batch, device, channels_last)
         pair = torch.cat([batch["anchor"], batch["neighbor"]])
         with autocast(device, amp):
-            anchor_logits, neighbor_logits = model(pair).chunk(2, dim=1)
+            anchor_logits, neighbor_logits = forward(pair).chunk(2, dim=1)
         total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight)
         optimizer.zero_grad(set_to_none=True)
         total.sum().backward()
@@ -81,23 +85,23 @@ def train_one_epoch(model: ClusterModel, loader, optimizer: torch.optim.Optimize
         sums += torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()
         steps += 1
         images += len(batch["anchor"])
+    loss, consistency, entropy = (sums / max(steps, 1)).tolist()  # the epoch's only host sync
     seconds = time.perf_counter() - start
-    loss, consistency, entropy = (sums / max(steps, 1)).tolist()
     return {"loss": loss, "consistency": consistency, "entropy": entropy,
             "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
 @torch.no_grad()
-def predict_logits(model: ClusterModel, dataset: ImageDataset, transform, batch_size: int,
-                   device: torch.device, amp: bool, num_workers: int, show: bool,
-                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: ClusterModel, data: WorkerPath | DevicePath, dataset: ImageDataset,
+                   batch_size: int, device: torch.device, amp: bool, channels_last: bool,
+                   show: bool, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-view logits ``[H, N, C]`` and backbone features ``[N, D]`` of a whole split."""
     model.eval()
-    loader = make_loader(ViewsDataset(dataset, {"image": transform}), batch_size, shuffle=False,
-                         seed=0, num_workers=num_workers, train=False)
+    batches = data.views(dataset, {"image": "eval"}, batch_size, shuffle=False, seed=0,
+                         train=False)
     logits, feats = [], []
-    for batch in progress(loader, show, desc):
-        images = to_device(batch, device)["image"]
+    for batch in progress(batches, show, desc):
+        images = to_device(batch, device, channels_last)["image"]
         with autocast(device, amp):
             f = model.backbone(images)
             logits.append(model.forward_heads(f).float().cpu())
@@ -105,16 +109,25 @@ def predict_logits(model: ClusterModel, dataset: ImageDataset, transform, batch_
     return torch.cat(logits, dim=1), torch.cat(feats)
 
 
-def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray,
-                      entropy_weight: float) -> torch.Tensor:
-    """SCAN loss per head over a whole split, each sample against all its K neighbours."""
-    h, n, c = logits.shape
-    k = neighbors.shape[1]
-    index = torch.from_numpy(neighbors).reshape(-1)
-    anchors = logits.unsqueeze(2).expand(h, n, k, c).reshape(h, n * k, c)
-    total, _, _ = scan_loss(anchors, logits[:, index], 0.0)
+def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weight: float,
+                      chunk: int = 1024) -> torch.Tensor:
+    """SCAN loss per head over a whole split, each sample against all its K neighbours.
+
+    Anchors are taken ``chunk`` at a time so memory stays ``H x chunk x K x C`` (ImageNet val
+    with 10 heads, K = 50 and 1000 clusters would need 100 GB at once).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    table = torch.from_numpy(np.ascontiguousarray(neighbors))
+    n, k = table.shape
+    log_sims = torch.zeros(probs.shape[0])
+    for start in range(0, n, chunk):
+        rows = table[start:start + chunk]
+        anchor = probs[:, start:start + chunk].unsqueeze(2)  # [H, c, 1, C]
+        sims = (anchor * probs[:, rows]).sum(-1)  # [H, c, K]
+        log_sims += torch.log(sims.clamp_min(EPS)).sum(dim=(1, 2))
+    consistency = -log_sims / (n * k)
     _, _, entropy = scan_loss(logits, logits, 0.0)
-    return total - entropy_weight * entropy
+    return consistency - entropy_weight * entropy
 
 
 def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | None:
@@ -129,11 +142,8 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
          overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
          force: bool = False) -> dict[str, Any]:
     """Train the cluster model; returns the stage summary (also in ``scan/summary.json``)."""
-    cfg, run = setup_run(config, out, overrides)
-    run.require("mine", STAGE)
-    status = run.prepare(STAGE, resume, force)
+    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="mine")
     if status == "done":
-        log.info("scan: already done in %s", run.root)
         return run.summary(STAGE)
     sc = cfg.scan
     device = resolve_device(cfg.device)
@@ -146,7 +156,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     model.backbone.load_state_dict(backbone_state(pretext_state["model"]))
     if not sc.update_backbone:
         freeze_backbone(model)
-    model.to(device)
+    forward = prepare_model(model, cfg, device)
 
     train_neighbors = load_neighbors(run, "train", sc.num_neighbors)
     if len(train_neighbors) != len(train_set):
@@ -155,11 +165,15 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     val_neighbors = load_neighbors(run, "val", sc.num_neighbors)
     if val_neighbors is None or val_neighbors.shape[1] == 0:
         val_set, val_neighbors = train_set, load_neighbors(run, "train", None)
-    augment = view_transform(cfg, sc.augment)
-    eval_view = view_transform(cfg, "eval")
-    pairs = NeighborsDataset(train_set, train_neighbors, augment, augment)
-    steps_per_epoch = max(len(train_set) // min(sc.batch_size, len(train_set)), 1)
-    optimizer = build_optimizer(model.parameters(), sc.optim)
+    data = data_path_for(cfg, device, train_set)
+    val_data = data_path_for(cfg, device, val_set)
+    channels_last = cfg.perf.channels_last
+    if sc.cached_views:
+        features, val_features = _cache(model, cfg, data, train_set, val_data, val_set, device)
+        forward, channels_last = model.forward_heads, False
+        neighbors_t = torch.from_numpy(np.ascontiguousarray(train_neighbors))
+    steps_per_epoch = num_batches(len(train_set), sc.batch_size, True)[1]
+    optimizer = build_optimizer(model.parameters(), sc.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, sc.optim, steps_per_epoch * sc.epochs)
 
     start_epoch, seconds = 0, 0.0
@@ -177,15 +191,22 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
 
     for epoch in range(start_epoch, sc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        loader = make_loader(pairs, sc.batch_size, shuffle=True,
-                             seed=derive_seed(cfg.seed, STAGE, "order", epoch),
-                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-        stats = train_one_epoch(model, loader, optimizer, scheduler, sc.entropy_weight,
-                                sc.update_backbone, device, cfg.amp, cfg.progress,
-                                f"scan {epoch + 1}/{sc.epochs}")
+        order_seed = derive_seed(cfg.seed, STAGE, "order", epoch)
+        if sc.cached_views:
+            batches = features.pairs(neighbors_t, sc.batch_size, seed=order_seed)
+        else:
+            batches = data.pairs(train_set, train_neighbors, sc.augment, sc.batch_size,
+                                 seed=order_seed)
+        stats = train_one_epoch(model, forward, batches, optimizer, scheduler,
+                                sc.entropy_weight, sc.update_backbone, device, cfg.amp,
+                                channels_last, cfg.progress, f"scan {epoch + 1}/{sc.epochs}")
         seconds += stats["seconds"]
-        logits, _ = predict_logits(model, val_set, eval_view, cfg.evaluate.batch_size, device,
-                                   cfg.amp, cfg.data.num_workers, False)
+        if sc.cached_views:
+            with torch.no_grad():
+                logits = model.eval().forward_heads(val_features).float().cpu()
+        else:
+            logits, _ = predict_logits(model, val_data, val_set, cfg.evaluate.batch_size, device,
+                                       cfg.amp, cfg.perf.channels_last, False)
         val_loss = heldout_scan_loss(logits, val_neighbors, sc.entropy_weight)
         history.append(val_loss.tolist())
         head = int(val_loss.argmin())
@@ -208,9 +229,26 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             "num_heads": sc.num_heads})
     summary = {"seconds": seconds, "epochs": sc.epochs, "best_head": best["head"],
                "best_epoch": best["epoch"], "best_loss": best["loss"],
-               "num_clusters": clusters}
+               "num_clusters": clusters, "data_path": "cached" if sc.cached_views else data.name}
     run.finish(STAGE, summary)
     return summary
+
+
+def _cache(model: ClusterModel, cfg: Config, data, train_set: ImageDataset, val_data,
+           val_set: ImageDataset, device: torch.device) -> tuple[FeaturePath, torch.Tensor]:
+    """Train features (eval view + ``scan.cached_views`` augmented views) and val eval features."""
+    sc = cfg.scan
+    store = feature_store(cfg.perf.device_data_gb, sc.cached_views, len(train_set),
+                          model.backbone.out_dim, device)
+    started = time.perf_counter()
+    train = cache_features(model.backbone, data, train_set, sc.augment, sc.cached_views,
+                           cfg.evaluate.batch_size, device, cfg.amp, cfg.seed, store, cfg.progress)
+    val = cache_features(model.backbone, val_data, val_set, sc.augment, 0,
+                         cfg.evaluate.batch_size, device, cfg.amp, cfg.seed, store, cfg.progress)
+    log.info("scan: cached %d views of %d train images in %.1f s", sc.cached_views + 1,
+             len(train_set), time.perf_counter() - started)
+    targets = torch.from_numpy(train_set.targets).to(store[0])
+    return FeaturePath(train, targets, device), val[0].to(device, torch.float32)
 
 
 def load_scan_model(run: RunDir) -> tuple[ClusterModel, dict[str, Any]]:

@@ -9,40 +9,48 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scanclust.checkpoint import load_checkpoint, save_checkpoint
 from scanclust.config import Config, load_config
-from scanclust.data import build_dataset, view_transform
-from scanclust.data.loaders import ViewsDataset, make_loader
+from scanclust.cached import FeaturePath, cache_features, feature_store
+from scanclust.data import build_dataset
+from scanclust.data.paths import data_path_for, num_batches
 from scanclust.losses import masked_cross_entropy
 from scanclust.models import ClusterModel
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.scan import build_cluster_model, freeze_backbone, load_scan_model, set_train_mode
-from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, progress,
-                                setup_run, to_device)
+from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, prepare_model,
+                                progress, begin_stage, to_device)
 
 STAGE = "selflabel"
 
 
-def train_one_epoch(model: ClusterModel, loader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: ClusterModel, forward: Callable, batches,
+                    optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, threshold: float,
                     class_balance: bool, update_backbone: bool, ema: AveragedModel | None,
-                    device: torch.device, amp: bool, show: bool, desc: str) -> dict[str, Any]:
+                    device: torch.device, amp: bool, channels_last: bool, show: bool,
+                    desc: str) -> dict[str, Any]:
+    """One epoch of self-labelling; ``forward`` is the model on images or its heads on features.
+
+    A batch without a confident sample is skipped and counted. Deciding that needs the count on
+    the host, one sync per step; it is the price of a loss that may not exist.
+    """
     set_train_mode(model, update_backbone)
     loss_sum = torch.zeros((), device=device)
     confident = steps = skipped = images = 0
     start = time.perf_counter()
-    for batch in progress(loader, show, desc):
-        batch = to_device(batch, device)
+    for batch in progress(batches, show, desc):
+        batch = to_device(batch, device, channels_last)
         with autocast(device, amp):
             with torch.no_grad():
-                weak_logits = model(batch["weak"])[0]
-            strong_logits = model(batch["strong"])[0]
+                weak_logits = forward(batch["weak"])[0]
+            strong_logits = forward(batch["strong"])[0]
         loss, count = masked_cross_entropy(weak_logits, strong_logits, threshold, class_balance)
         images += len(batch["weak"])
         confident += count
@@ -57,10 +65,10 @@ def train_one_epoch(model: ClusterModel, loader, optimizer: torch.optim.Optimize
             ema.update_parameters(model)
         loss_sum += loss.detach()
         steps += 1
+    mean_loss = float(loss_sum) / max(steps, 1)
     seconds = time.perf_counter() - start
-    return {"loss": float(loss_sum) / max(steps, 1), "confident": confident,
-            "skipped_batches": skipped, "images_per_s": images / max(seconds, 1e-9),
-            "seconds": seconds}
+    return {"loss": mean_loss, "confident": confident, "skipped_batches": skipped,
+            "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
 def selflabel(config: Config | str | Path | dict | None = None,
@@ -68,25 +76,30 @@ def selflabel(config: Config | str | Path | dict | None = None,
               overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
               force: bool = False) -> dict[str, Any]:
     """Fine-tune the kept SCAN head by self-labelling; returns the stage summary."""
-    cfg, run = setup_run(config, out, overrides)
-    run.require("scan", STAGE)
-    status = run.prepare(STAGE, resume, force)
+    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="scan")
     if status == "done":
-        log.info("selflabel: already done in %s", run.root)
         return run.summary(STAGE)
     sl = cfg.selflabel
     device = resolve_device(cfg.device)
     model, _ = load_scan_model(run)
     if not sl.update_backbone:
         freeze_backbone(model)
-    model.to(device)
+    forward = prepare_model(model, cfg, device)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(sl.ema), use_buffers=True)
            if sl.ema is not None else None)
     dataset = build_dataset(cfg.data, "train")
-    views = ViewsDataset(dataset, {"weak": view_transform(cfg, "eval"),
-                                   "strong": view_transform(cfg, sl.augment)})
-    steps_per_epoch = max(len(dataset) // min(sl.batch_size, len(dataset)), 1)
-    optimizer = build_optimizer(model.parameters(), sl.optim)
+    data = data_path_for(cfg, device, dataset)
+    channels_last = cfg.perf.channels_last
+    if sl.cached_views:
+        store = feature_store(cfg.perf.device_data_gb, sl.cached_views, len(dataset),
+                              model.backbone.out_dim, device)
+        feats = cache_features(model.backbone, data, dataset, sl.augment, sl.cached_views,
+                               cfg.evaluate.batch_size, device, cfg.amp, cfg.seed, store,
+                               cfg.progress)
+        features = FeaturePath(feats, torch.from_numpy(dataset.targets).to(store[0]), device)
+        forward, channels_last = model.forward_heads, False
+    steps_per_epoch = num_batches(len(dataset), sl.batch_size, True)[1]
+    optimizer = build_optimizer(model.parameters(), sl.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, sl.optim, steps_per_epoch * sl.epochs)
 
     kept = _kept_weights(model, ema)
@@ -109,12 +122,15 @@ def selflabel(config: Config | str | Path | dict | None = None,
     epoch = start_epoch
     while epoch < sl.epochs and not (sl.patience is not None and plateau >= sl.patience):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        loader = make_loader(views, sl.batch_size, shuffle=True,
-                             seed=derive_seed(cfg.seed, STAGE, "order", epoch),
-                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-        stats = train_one_epoch(model, loader, optimizer, scheduler, sl.threshold,
+        order_seed = derive_seed(cfg.seed, STAGE, "order", epoch)
+        if sl.cached_views:
+            batches = features.weak_strong(sl.batch_size, seed=order_seed)
+        else:
+            batches = data.views(dataset, {"weak": "eval", "strong": sl.augment},
+                                 sl.batch_size, shuffle=True, seed=order_seed, train=True)
+        stats = train_one_epoch(model, forward, batches, optimizer, scheduler, sl.threshold,
                                 sl.class_balance, sl.update_backbone, ema, device, cfg.amp,
-                                cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
+                                channels_last, cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
         epoch += 1
         seconds += stats["seconds"]
         history.append(stats["confident"])
@@ -141,7 +157,8 @@ def selflabel(config: Config | str | Path | dict | None = None,
             "history": [], "config": cfg.to_dict(), "num_clusters": model.num_clusters})
     summary = {"seconds": seconds, "epochs": epoch, "kept_epoch": best["epoch"],
                "confident": best["confident"], "num_samples": len(dataset),
-               "stopped_early": epoch < sl.epochs}
+               "stopped_early": epoch < sl.epochs,
+               "data_path": "cached" if sl.cached_views else data.name}
     run.finish(STAGE, summary)
     return summary
 

@@ -12,33 +12,54 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scanclust.config import Config, ConfigError, OptimConfig, load_config, save_config
-from scanclust.rundir import RunDir
+from scanclust.rundir import STAGE_DIRS, RunDir
 
 log = logging.getLogger("scanclust")
 
 
-def setup_run(config: Config | str | Path | dict | None, out: str | Path,
-              overrides: list[str] | dict[str, Any] | None = None) -> tuple[Config, RunDir]:
-    """Resolve the config (falling back to the run's own config.yaml) and record it in the run."""
+def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str | Path,
+                overrides: list[str] | dict[str, Any] | None, resume: bool, force: bool,
+                needs: str | None = None) -> tuple[Config, RunDir, str]:
+    """Resolve the config, check the run directory, and decide how ``stage`` proceeds.
+
+    Returns ``(config, run, status)`` with status ``fresh``, ``resume`` or ``done`` (see
+    ``RunDir.prepare``). The config falls back to the run's own config.yaml, and is recorded
+    there only once the stage is cleared to run, so a refused call changes no file.
+    """
     run = RunDir(out)
     if config is None:
         if not run.config_path.is_file():
             raise ConfigError(f"no config given and {run.config_path} does not exist")
         config = run.config_path
     cfg = load_config(config, overrides)
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.config_path)
-    return cfg, run
+    if needs is not None:
+        run.require(needs, stage)
+    status = run.prepare(stage, resume, force) if stage in STAGE_DIRS else "fresh"
+    if status == "done":
+        log.info("%s: already done in %s", stage, run.root)
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config_path)
+    return cfg, run, status
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
+                    impl: str = "auto") -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over the trainable parameters.
+
+    ``impl`` picks the kernel: ``fused`` (one kernel for all parameters), ``foreach`` (batched
+    per-tensor ops), ``loop`` (one tensor at a time), ``auto`` (torch's default for the device).
+    The update is the same up to float rounding.
+    """
     params = [p for p in params if p.requires_grad]
+    kernel = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True},
+              "loop": {"foreach": False}}[impl]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, **kernel)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
@@ -55,9 +76,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device,
+              channels_last: bool = False) -> dict[str, Any]:
+    """Move a batch to the device; image tensors become NHWC when ``channels_last``."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Move to the device (NHWC weights with ``perf.channels_last``); return the callable to
+    train with, compiled when ``perf.compile``. State dicts are always taken from ``model``."""
+    model.to(device)
+    if cfg.perf.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.perf.compile else model
 
 
 def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterator:

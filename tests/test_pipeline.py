@@ -84,11 +84,12 @@ def test_predict_agrees_with_evaluation(finished_run: Path) -> None:
 
 
 def test_rerun_without_resume_refuses_and_keeps_results(finished_run: Path) -> None:
-    before = digest(finished_run / "pretext" / "checkpoint.pt")
-    result = cli("run", "--config", "demo", "--out", str(finished_run), *TINY)
+    files = [finished_run / "pretext" / "checkpoint.pt", finished_run / "config.yaml"]
+    before = [digest(f) for f in files]
+    result = cli("run", "--config", "demo", "--out", str(finished_run), *TINY, "pretext.epochs=5")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--resume" in result.stderr
-    assert digest(finished_run / "pretext" / "checkpoint.pt") == before
+    assert [digest(f) for f in files] == before
 
 
 def test_resume_of_a_finished_run_changes_nothing(finished_run: Path) -> None:
@@ -143,6 +144,16 @@ def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
             assert torch.equal(value, b["model"][key]), f"{stage}: {key} differs after resume"
     assert np.array_equal(np.load(straight / "neighbors/train.npy"),
                           np.load(resumed / "neighbors/train.npy"))
+
+
+def test_worker_data_path_runs_every_stage(tmp_path: Path) -> None:
+    ov = TINY + ["perf.data_path=workers", "pretext.epochs=1", "scan.epochs=1",
+                 "selflabel.epochs=1"]
+    metrics = scanclust.run("demo", tmp_path / "run", overrides=ov)
+    for stage in ("pretext", "scan", "selflabel"):
+        summary = json.loads((tmp_path / "run" / stage / "summary.json").read_text())
+        assert summary["data_path"] == "workers"
+    assert metrics["stages"]["selflabel"]["num_samples"] == 200
 
 
 def test_force_keeps_the_old_output_aside(tmp_path: Path) -> None:

@@ -8,8 +8,10 @@ that evaluation can skip it instead of every caller special-casing unlabeled dat
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from scanclust.config import DataConfig
+from scanclust.errors import UserError
 
 UNLABELED = -1
 SPLITS = ("train", "val", "pretext")
@@ -29,7 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_SUBSETS = ("imagenet_50", "imagenet_100", "imagenet_200")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data problem; the one-line message names the file, folder or setting at fault."""
 
 
@@ -121,12 +124,7 @@ class FileDataset(ImageDataset):
         self.paths = [Path(p) for p in paths]
 
     def load(self, i: int) -> Image.Image:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(f"cannot read image {path}: {err}") from None
+        return _open_rgb(self.paths[i])
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -136,28 +134,49 @@ class FileDataset(ImageDataset):
                            self.classes, self.transform)
 
     def as_uint8(self, size: int | None = None, progress: bool = True) -> torch.Tensor:
-        """Decode every file into one [N, 3, H, W] tensor.
+        """Decode every file into one [N, 3, H, W] tensor, on all CPU cores.
 
         Without ``size`` all images must share one shape, since silently resizing would change
         what the model sees; with ``size`` the shorter side is resized to it, then center-cropped.
+        The result is remembered for the process (the most recent two), so the stages of one
+        run decode a folder once, not once per stage.
         """
-        out: torch.Tensor | None = None
-        for i in tqdm(range(len(self)), desc=f"decoding {self.name}", disable=not progress):
-            image = self.load(i)
-            if size is not None:
-                image = TF.center_crop(TF.resize(image, [size]), [size, size])
-            array = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-            if out is None:
-                out = torch.empty(len(self), *array.shape, dtype=torch.uint8)
-            elif array.shape != out.shape[1:]:
+        return _decode_all(tuple(self.paths), size, self.name, progress)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from None
+
+
+def _decode_one(path: Path, size: int | None) -> np.ndarray:
+    image = _open_rgb(path)
+    if size is not None:
+        image = TF.center_crop(TF.resize(image, [size]), [size, size])
+    return np.array(image)  # writable: torch.from_numpy warns on read-only arrays
+
+
+@functools.lru_cache(maxsize=2)
+def _decode_all(paths: tuple[Path, ...], size: int | None, name: str,
+                progress: bool) -> torch.Tensor:
+    if not paths:
+        raise DatasetError(f"{name}: no images to convert")
+    first = _decode_one(paths[0], size)
+    out = torch.empty(len(paths), 3, *first.shape[:2], dtype=torch.uint8)
+    # PIL releases the GIL while decoding, so threads use every core without pickling images
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        decoded = pool.map(lambda p: _decode_one(p, size), paths, chunksize=256)
+        for i, array in enumerate(tqdm(decoded, total=len(paths), desc=f"decoding {name}",
+                                       disable=None if progress else True)):
+            if array.shape != first.shape:
                 raise DatasetError(
-                    f"image {self.paths[i]} is {array.shape[2]}x{array.shape[1]} but "
-                    f"{self.paths[0]} is {out.shape[3]}x{out.shape[2]}; pass a size to resize "
-                    f"them to one shape")
-            out[i] = array
-        if out is None:
-            raise DatasetError(f"{self.name}: no images to convert")
-        return out
+                    f"image {paths[i]} is {array.shape[1]}x{array.shape[0]} but {paths[0]} is "
+                    f"{first.shape[1]}x{first.shape[0]}; pass a size to resize them to one shape")
+            out[i] = torch.from_numpy(array).permute(2, 0, 1)
+    return out
 
 
 def num_classes(ds: ImageDataset) -> int | None:

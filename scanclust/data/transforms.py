@@ -10,7 +10,7 @@ distribution.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import PIL.Image
 import torch
@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from scanclust.config import SimCLRAugConfig, StrongAugConfig
+from scanclust.config import Config, SimCLRAugConfig, StrongAugConfig
 
 ImageLike = PIL.Image.Image | torch.Tensor
 
@@ -202,15 +202,13 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
                        v2.CenterCrop(image_size)] + _to_normalized(mean, std))
 
 
-class MultiView:
-    """Apply several named transforms to the same image, each with its own random draws,
-    e.g. ``{"view1": simclr, "view2": simclr}`` or ``{"weak": eval, "strong": strong}``."""
-
-    def __init__(self, views: Mapping[str, Callable]) -> None:
-        self.views = dict(views)
-
-    def __call__(self, img: ImageLike) -> dict[str, torch.Tensor]:
-        return {name: transform(img) for name, transform in self.views.items()}
-
-    def __repr__(self) -> str:
-        return f"MultiView({self.views!r})"
+def view_transform(cfg: Config, kind: str) -> Callable:
+    """The per-sample transform for a view kind: ``simclr``, ``strong`` or ``eval``."""
+    d = cfg.data
+    if kind == "simclr":
+        return simclr_transform(cfg.augment.simclr, d.image_size, d.mean, d.std)
+    if kind == "strong":
+        return strong_transform(cfg.augment.strong, d.image_size, d.mean, d.std, d.resize)
+    if kind == "eval":
+        return eval_transform(d.image_size, d.mean, d.std, d.resize)
+    raise ValueError(f"unknown view kind {kind!r}")

@@ -24,26 +24,38 @@ class ClusterModel(nn.Module):
     """Backbone + ``num_heads`` linear heads of ``num_clusters`` outputs each.
 
     Several heads train in parallel from one backbone pass (the paper uses 10 on ImageNet) and
-    the one with the lowest SCAN loss is kept. ``forward`` returns logits ``[H, B, C]``.
+    the one with the lowest SCAN loss is kept. The heads are one ``Linear`` with
+    ``num_heads * num_clusters`` outputs, a single matmul instead of one per head; ``forward``
+    returns logits ``[H, B, C]``.
     """
 
     def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_clusters = num_clusters
-        self.heads = nn.ModuleList(nn.Linear(backbone.out_dim, num_clusters)
-                                   for _ in range(num_heads))
+        self.num_heads = num_heads
+        self.heads = nn.Linear(backbone.out_dim, num_heads * num_clusters)
+        bound = 1 / backbone.out_dim ** 0.5  # each head initialised like its own nn.Linear
+        nn.init.uniform_(self.heads.weight, -bound, bound)
+        nn.init.uniform_(self.heads.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_heads(self.backbone(x))
 
     def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
         """Heads only: used with cached features when the backbone is frozen."""
-        return torch.stack([head(features) for head in self.heads])
+        logits = self.heads(features)
+        return logits.view(len(features), self.num_heads, self.num_clusters).transpose(0, 1)
 
     def keep_head(self, index: int) -> None:
         """Drop all heads but ``index`` (self-label continues from the best SCAN head)."""
-        self.heads = nn.ModuleList([self.heads[index]])
+        rows = slice(index * self.num_clusters, (index + 1) * self.num_clusters)
+        head = nn.Linear(self.heads.in_features, self.num_clusters)
+        head = head.to(self.heads.weight.device, self.heads.weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(self.heads.weight[rows])
+            head.bias.copy_(self.heads.bias[rows])
+        self.heads, self.num_heads = head, 1
 
 
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

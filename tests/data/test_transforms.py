@@ -12,7 +12,6 @@ from scanclust.data import transforms
 from scanclust.data.transforms import (
     OP_RANGES,
     Cutout,
-    MultiView,
     RandomStrongOps,
     apply_op,
     eval_transform,
@@ -269,10 +268,3 @@ def test_uint8_tensor_input_is_accepted() -> None:
     out = strong_transform(StrongAugConfig(), 32, MEAN, STD)(random_uint8())
     assert out.dtype == torch.float32 and out.shape == (3, 32, 32)
 
-
-def test_multiview_returns_named_views() -> None:
-    views = MultiView({"weak": eval_transform(32, MEAN, STD),
-                       "strong": strong_transform(StrongAugConfig(), 32, MEAN, STD)})
-    out = views(random_pil())
-    assert set(out) == {"weak", "strong"}
-    assert out["weak"].shape == out["strong"].shape == (3, 32, 32)

@@ -67,12 +67,15 @@ def test_cluster_model_heads() -> None:
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (3, 2, 4)
-    head1 = {k: v.clone() for k, v in model.heads[1].state_dict().items()}
+    # head h is rows h*C..(h+1)*C of the joint layer: logits[h] = features @ W_h.T + b_h
+    features = model.backbone(x)
+    w, b = model.heads.weight[4:8], model.heads.bias[4:8]
+    torch.testing.assert_close(logits[1], features @ w.T + b)
     model.keep_head(1)
-    assert len(model.heads) == 1
-    for key, value in model.heads[0].state_dict().items():
-        assert torch.equal(value, head1[key])
+    assert model.num_heads == 1 and model.heads.weight.shape == (4, model.backbone.out_dim)
+    assert torch.equal(model.heads.weight, w) and torch.equal(model.heads.bias, b)
     with torch.no_grad():
+        assert model(x).shape == (1, 2, 4)
         torch.testing.assert_close(model(x)[0], logits[1])
 
 
