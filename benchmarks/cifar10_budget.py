@@ -134,10 +134,8 @@ def main() -> None:
     metrics = json.loads((args.out / "metrics.json").read_text())
     images_per_s = {}
     for name in SHARES:
-        summary = json.loads((args.out / ("neighbors" if name == "mine" else name) /
-                              "summary.json").read_text())
-        trained = {"pretext": len(train), "scan": len(train), "selflabel": len(train)}[name]
-        images_per_s[name] = round(trained * summary["epochs"] / max(summary["seconds"], 1e-9))
+        summary = json.loads((args.out / name / "summary.json").read_text())
+        images_per_s[name] = round(len(train) * summary["epochs"] / max(summary["seconds"], 1e-9))
     record = {
         "benchmark": "cifar10_budget", **machine(), "budget_s": args.budget,
         "wall_s": round(time.perf_counter() - started, 1), "load_s": round(loaded, 1),

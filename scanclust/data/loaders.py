@@ -8,6 +8,7 @@ yield the same dicts for the training loops to run unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -71,9 +72,18 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
     the SCAN loss and batch norm statistics meaningless) unless the data set is smaller than a
     batch, in which case the whole set is one batch.
     """
-    batch_size = min(batch_size, len(dataset))
+    batch_size, _ = num_batches(len(dataset), batch_size, train)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, pin_memory=pin_memory,
                       drop_last=train and len(dataset) > batch_size,
                       persistent_workers=False)
+
+
+def num_batches(n: int, batch_size: int, train: bool) -> tuple[int, int]:
+    """(batch size, batch count) with the same rule on both paths: training drops the last
+    partial batch unless the data set is smaller than one batch."""
+    batch_size = min(batch_size, n)
+    drop_last = train and n > batch_size
+    return batch_size, (n // batch_size if drop_last else math.ceil(n / batch_size))
+

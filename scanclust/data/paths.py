@@ -14,7 +14,6 @@ data set fits under ``perf.device_data_gb``).
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from scanclust.config import Config
 from scanclust.data import batch_augment as B
 from scanclust.data.datasets import ImageDataset
-from scanclust.data.loaders import NeighborsDataset, ViewsDataset, make_loader
+from scanclust.data.loaders import NeighborsDataset, ViewsDataset, make_loader, num_batches
 from scanclust.data.transforms import view_transform
 
 Batch = dict[str, torch.Tensor]
@@ -41,14 +40,6 @@ class Batches:
 
     def __len__(self) -> int:
         return self._length
-
-
-def num_batches(n: int, batch_size: int, train: bool) -> tuple[int, int]:
-    """(batch size, batch count) with the same rule on both paths: training drops the last
-    partial batch unless the data set is smaller than one batch."""
-    batch_size = min(batch_size, n)
-    drop_last = train and n > batch_size
-    return batch_size, (n // batch_size if drop_last else math.ceil(n / batch_size))
 
 
 class WorkerPath:
