@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 import platform
 import subprocess
 import tarfile
@@ -21,6 +22,7 @@ from scanclust.data.datasets import ArrayDataset, ImageDataset
 from scanclust.data.paths import Batches, data_path_for
 from scanclust.pretext import build_contrastive_model
 from scanclust.scan import build_cluster_model
+from scanclust.step import TrainStep
 from scanclust.training import build_optimizer, build_scheduler, prepare_model
 
 # the stage modules hold the training loops (``scanclust.scan`` itself is the stage function)
@@ -43,11 +45,12 @@ def cifar10_jpeg(source: Path, split: str, limit: int | None = None) -> ArrayDat
     per_class = None if limit is None else max(limit // len(CLASSES), 1)
     images, labels = [], []
     if source.is_dir():
-        for label, name in enumerate(CLASSES):
-            files = sorted((source / split / name).glob("*.jpg"))[:per_class]
-            for f in files:
-                images.append(np.asarray(Image.open(f).convert("RGB")))
-                labels.append(label)
+        files = [(label, f) for label, name in enumerate(CLASSES)
+                 for f in sorted((source / split / name).glob("*.jpg"))[:per_class]]
+        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(lambda item: np.asarray(Image.open(item[1]).convert("RGB")),
+                                   files, chunksize=256))
+        labels = [label for label, _ in files]
     else:
         counts = dict.fromkeys(CLASSES, 0)
         with tarfile.open(source, "r:gz") as tar:
@@ -73,16 +76,20 @@ def machine() -> dict[str, str]:
         device = torch.cuda.get_device_name(0)
     else:
         device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    commit = os.environ.get("SCANCLUST_COMMIT") or _git_commit()  # a copied tree has no .git
+    return {"device": device, "torch": torch.__version__, "commit": commit,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO, capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"device": device, "torch": torch.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%d")}
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def sync(device: torch.device) -> None:
@@ -91,10 +98,10 @@ def sync(device: torch.device) -> None:
 
 
 def training_steps(step: str, cfg: Config, dataset: ImageDataset, neighbors: np.ndarray,
-                   device: torch.device) -> Callable[[int], None]:
+                   device: torch.device) -> Callable[[int], dict]:
     """A function running the next ``n`` training steps of a stage, through the stage's own
-    ``train_one_epoch`` and data path, on a fresh model. Self-label runs with threshold 0 so
-    every step trains (a real run skips batches with no confident sample)."""
+    step body, ``train_one_epoch`` and data path, on a fresh model. Self-label runs with
+    threshold 0 so every step trains (a real run skips batches with no confident sample)."""
     torch.manual_seed(0)
     data = data_path_for(cfg, device, dataset)
     model = build_contrastive_model(cfg) if step == "pretext" else build_cluster_model(cfg, 10, 1)
@@ -102,31 +109,42 @@ def training_steps(step: str, cfg: Config, dataset: ImageDataset, neighbors: np.
     forward = prepare_model(model, cfg, device)
     optimizer = build_optimizer(model.parameters(), sc.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, sc.optim, 10_000)
+    module = STAGE_MODULES[step]
     if step == "pretext":
-        batches = data.views(dataset, {"view1": "simclr", "view2": "simclr"}, sc.batch_size,
-                             shuffle=True, seed=0, train=True)
+        augment = data.augment(dataset, {"view1": "simclr", "view2": "simclr"})
+        body = module.contrastive_body(forward, augment, sc.temperature, device, cfg.amp)
     elif step == "scan":
-        batches = data.pairs(dataset, neighbors, "strong", sc.batch_size, seed=0)
+        augment = data.augment(dataset, {"anchor": "strong", "neighbor": "strong"}, neighbors)
+        body = module.scan_body(forward, augment, sc.entropy_weight, device, cfg.amp)
     else:
-        batches = data.views(dataset, {"weak": "eval", "strong": "strong"}, sc.batch_size,
-                             shuffle=True, seed=0, train=True)
-    stream = iter(batches)
-    loop = STAGE_MODULES[step].train_one_epoch
-    common = (device, cfg.amp, cfg.perf.channels_last, False, step)
+        augment = data.augment(dataset, {"weak": "eval", "strong": "strong"})
+        body = module.selflabel_body(forward, augment, 0.0, True, device, cfg.amp)
+    train_step = TrainStep(body, model.parameters(), device, cfg.perf.cuda_graphs)
+    stream = itertools.chain.from_iterable(_epochs(data, augment, sc.batch_size))
 
-    def run(n: int) -> None:
+    def run(n: int) -> dict:
+        """The next ``n`` steps; returns the loop's statistics (mean loss, images/s)."""
         part = Batches(itertools.islice(stream, n), n)
         if step == "pretext":
-            loop(forward, part, optimizer, scheduler, sc.temperature, *common)
-        elif step == "scan":
-            loop(model, forward, part, optimizer, scheduler, sc.entropy_weight, True, *common)
-        else:
-            loop(model, forward, part, optimizer, scheduler, 0.0, True, True, None, *common)
+            return module.train_one_epoch(model, train_step, part, optimizer, scheduler, device,
+                                          False, step)
+        if step == "scan":
+            return module.train_one_epoch(model, train_step, part, optimizer, scheduler, True,
+                                          device, False, step)
+        return module.train_one_epoch(model, train_step, part, optimizer, scheduler, True, None,
+                                      device, False, step)
 
+    run.step = train_step  # type: ignore[attr-defined]  # its .mode says eager or cuda_graph
     return run
 
 
-def images_per_second(run: Callable[[int], None], batch_size: int, device: torch.device,
+def _epochs(data, augment, batch_size: int):
+    """Epoch after epoch of batches, so a measurement never runs out of data."""
+    for epoch in itertools.count():
+        yield data.batches(augment, batch_size, shuffle=True, seed=epoch, train=True)
+
+
+def images_per_second(run: Callable[[int], dict], batch_size: int, device: torch.device,
                       warmup: int, steps: int) -> float:
     """Throughput of ``steps`` steps after ``warmup`` untimed ones (compilation, autotuning)."""
     run(warmup)

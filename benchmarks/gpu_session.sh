@@ -1,35 +1,73 @@
 #!/usr/bin/env bash
-# The GPU measurements in one prepared command, for a machine lent for a few minutes.
+# The GPU measurements as prepared commands, for a machine lent for a few minutes.
 # Usage (repository root, CIFAR-10 archive copied to data/cifar10-jpeg.tar.gz beforehand):
-#   bash benchmarks/gpu_session.sh budget       # ~8.5 min: the 8-minute CIFAR-10 budget run
-#   bash benchmarks/gpu_session.sh throughput   # ~2-3 min: images/s, ours vs baseline
-# Results go to $OUT (or ./gpu-results): JSON lines and logs, to copy into RESULTS.md.
-set -euo pipefail
-mode="${1:?budget or throughput}"
-shift  # further arguments go to the benchmark script (e.g. --quick on a CPU dry run)
+#   bash benchmarks/gpu_session.sh budget                 # ~8.3 min: the 8-minute CIFAR-10 run
+#   bash benchmarks/gpu_session.sh throughput[:SECONDS]   # ~1.5 min: images/s, ours vs baseline
+#   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # NCHW and torch.compile variants,
+#                                                         # profiles, graph-vs-eager check
+#   bash benchmarks/gpu_session.sh ablate:SECONDS         # later stages again on budget's pretext
+#   bash benchmarks/gpu_session.sh budget throughput:90   # several modes, in order
+# A mode given :SECONDS is stopped after that many seconds (what it printed is kept).
+# Each benchmark writes its JSON to benchmarks/results/<benchmark>-<device>-<date>.json (kept in
+# git) and, with its log, to $OUT (or ./gpu-results) as soon as it finishes, so a command cut
+# off by its time limit still returns what was done. PYTHON, CIFAR10_ARCHIVE, BUDGET and EXTRA
+# (arguments for every script, e.g. --quick for a CPU dry run) may be set.
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 budget|throughput|kernels|ablate[:SECONDS] ..." >&2; exit 2; }
 out="${OUT:-gpu-results}"
-mkdir -p "$out"
+mkdir -p "$out" benchmarks/results
 archive="${CIFAR10_ARCHIVE:-data/cifar10-jpeg.tar.gz}"
-# The GPU image has torch, torchvision, scikit-learn, PyYAML, tqdm and matplotlib; the scripts
-# import scanclust from this checkout, so nothing is installed.
 py="${PYTHON:-python3}"
+read -r -a extra <<< "${EXTRA:-}"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
+device=$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")' \
+  | tr -c 'A-Za-z0-9.\n' '-' | sed 's/--*/-/g; s/-$//')
+stamp="${device}-$(date +%Y-%m-%d)"
+results=benchmarks/results
 data=/tmp/cifar10-jpeg
 if [ ! -d "$data/test" ]; then
   mkdir -p "$data" && tar xzf "$archive" -C "$data"
-  sub=$(dirname "$(find "$data" -maxdepth 3 -type d -name test | head -n 1)")
-  [ "$sub" != "$data" ] && data="$sub"
 fi
-case "$mode" in
-  budget)
-    run=/tmp/budget-run  # checkpoints stay on the machine; the small files come back
-    rm -rf "$run"
-    "$py" benchmarks/cifar10_budget.py --data "$data" --budget 480 --out "$run" "$@" \
-      2>&1 | tee "$out/budget.log"
-    cp "$run/budget.json" "$run/metrics.json" "$run/log.jsonl" "$out/" ;;
-  throughput)
-    "$py" benchmarks/throughput.py --data "$data" "$@" 2>&1 | tee "$out/throughput.log"
-    "$py" benchmarks/mining.py --repeats 2 2>&1 | tee "$out/mining.log" ;;
-  *) echo "unknown mode $mode" >&2; exit 2 ;;
-esac
+data=$(dirname "$(find "$data" -maxdepth 3 -type d -name test | head -n 1)")
+budget_run=/tmp/budget-run  # checkpoints stay on the machine (for ablate); small files come back
+
+# run NAME SECONDS SCRIPT ARGS...: the script with a time limit, its log and JSON in both places
+run() {
+  local name="$1" limit="$2"; shift 2
+  local json="$results/$name-$stamp.json"
+  local cmd=("$py" "$@" --json "$json" "${extra[@]}")
+  [ -n "$limit" ] && cmd=(timeout --signal=INT "$limit" "${cmd[@]}")
+  echo "== $name: ${cmd[*]}" | tee -a "$out/$name.log"
+  "${cmd[@]}" 2>&1 | tee -a "$out/$name.log" | grep -v '^{'
+  [ -f "$json" ] && cp "$json" "$out/$name.json"
+  return 0
+}
+
+for spec in "$@"; do
+  mode="${spec%%:*}"; limit=""
+  [ "$spec" != "$mode" ] && limit="${spec#*:}"
+  case "$mode" in
+    budget)
+      rm -rf "$budget_run"
+      run cifar10_budget "$limit" benchmarks/cifar10_budget.py --data "$data" \
+        --budget "${BUDGET:-480}" --out "$budget_run"
+      cp "$budget_run/log.jsonl" "$out/cifar10_budget-epochs.jsonl" 2>/dev/null
+      # mining features and labels of the run, for the label-free choice of K (choose_k)
+      cp "$budget_run/neighbors/features_train.npy" "$out/cifar10-features-train.npy" 2>/dev/null
+      cp "$budget_run/neighbors/targets_train.npy" "$out/cifar10-targets-train.npy" 2>/dev/null ;;
+    throughput)
+      run throughput "$limit" benchmarks/throughput.py --data "$data" --repeats 2 --steps 15 \
+        --warmup 6 --variants baseline eager graphs ;;
+    kernels)
+      run throughput-kernels "$limit" benchmarks/throughput.py --data "$data" --repeats 1 \
+        --steps 15 --warmup 6 --only pretext scan512 --variants graphs graphs-nchw graphs-compile \
+        --profile --check ;;
+    ablate)
+      "$py" benchmarks/ablate.py --base "$budget_run" --out "/tmp/ablate-$$" \
+        --deadline "${limit:-600}" --json "$results/ablation-$stamp.jsonl" 2>&1 \
+        | tee -a "$out/ablation.log" | cut -c1-300
+      cp "$results/ablation-$stamp.jsonl" "$out/ablation.jsonl" 2>/dev/null ;;
+    *) echo "unknown mode $mode" >&2; exit 2 ;;
+  esac
+done

@@ -1,26 +1,38 @@
-"""Images per second of the pretext, SCAN and self-label training steps: ours against a
-straightforward implementation, in the same run, on the same device.
+"""Images per second of the pretext, SCAN and self-label training steps: our variants against a
+straightforward implementation, in the same run, on the same device; and what each step costs
+the host (operators dispatched, kernel launches) and how busy it keeps the GPU.
 
-    ours      data set on the device as one uint8 tensor, batched per-sample augmentation,
-              bf16 autocast (CUDA), channels_last, fused optimizer (CUDA)
     baseline  torchvision PIL transforms in DataLoader workers, fp32, NCHW, default optimizer
+    eager     data set on the device, batched per-sample augmentation, bf16 autocast (CUDA),
+              channels_last, fused optimizer (CUDA), every kernel launched from Python
+    graphs    as eager, with each step (augmentation, forward, loss, backward) replayed as one
+              CUDA graph (``perf.cuda_graphs``); the package's default
+    graphs-nchw      graphs with NCHW activations (cuDNN's batch norm)
+    graphs-compile   graphs around a torch.compile'd model (fused batch norm + ReLU)
 
-Both run the package's own training loops (``train_one_epoch`` of each stage) on the same
-CIFAR-10 images, decoded once into memory (as torchvision's CIFAR10 holds them). Each
-measurement skips warm-up steps, then times ``--steps`` steps; ``--repeats`` alternates the
-two implementations and reports mean and std. Prints a table and one JSON line.
+All run the package's own step bodies and ``train_one_epoch`` loops on the same CIFAR-10 images,
+decoded once into memory. Each measurement skips warm-up steps (graph capture, compilation,
+cuDNN autotuning), then times ``--steps`` steps; ``--repeats`` alternates the variants and
+reports mean and std. ``--profile`` then runs torch.profiler over a few steps of each stage:
+aten operators dispatched per step, and those of them that compute (leaf operators other than
+views and allocations: what launches a kernel on a GPU), on any device, so the host overhead
+can be driven down on a CPU; on CUDA also the launch calls the host makes per step (one graph
+launch plus the optimizer with CUDA graphs) and GPU busy = kernel time / wall time. Prints a table and one JSON line;
+``--json`` also writes it to a file.
 
-    python benchmarks/throughput.py                      # GPU: ResNet-18, paper batch sizes
-    python benchmarks/throughput.py --quick              # CPU smoke run: tiny net, few steps
+    python benchmarks/throughput.py --repeats 2 --profile        # GPU: ResNet-18, paper batches
+    python benchmarks/throughput.py --quick --profile            # CPU smoke run: tiny net
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +41,81 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (DEFAULT_ARCHIVE, cifar10_jpeg, images_per_second,  # noqa: E402
-                               machine, training_steps)
+                               machine, sync, training_steps)
 from scanclust.config import Config, load_config  # noqa: E402
 from scanclust.runtime import resolve_device  # noqa: E402
 
-STEPS = ("pretext", "scan", "selflabel")
+# name -> (stage, batch size override)
+STEPS = {"pretext": ("pretext", None), "scan": ("scan", None), "scan512": ("scan", 512),
+         "selflabel": ("selflabel", None)}
+DEVICE_PATH = ["perf.data_path=device", "amp=true", "perf.cudnn_benchmark=true"]
+VARIANTS = {
+    "baseline": ["perf.data_path=workers", "amp=false", "perf.channels_last=false",
+                 "perf.optimizer_impl=auto", "perf.cuda_graphs=false",
+                 "perf.cudnn_benchmark=false"],
+    "eager": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=false"],
+    "graphs": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=true"],
+    "graphs-nchw": DEVICE_PATH + ["perf.channels_last=false", "perf.cuda_graphs=true"],
+    "graphs-compile": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=true",
+                                     "perf.compile=true"],
+}
+# Leaf operators that only make views or allocate, and so launch no kernel on a GPU.
+NO_KERNEL = {f"aten::{n}" for n in (
+    "view", "as_strided", "as_strided_", "_reshape_alias", "reshape", "_unsafe_view", "empty",
+    "empty_strided", "empty_like", "expand", "unsqueeze", "unsqueeze_", "squeeze", "squeeze_",
+    "select", "slice", "narrow", "detach", "detach_", "t", "transpose", "permute", "alias",
+    "unbind", "split", "split_with_sizes", "chunk", "lift_fresh", "resolve_conj",
+    "resolve_neg", "result_type", "broadcast_tensors", "flatten", "contiguous", "to",
+    "_to_copy", "is_nonzero", "_local_scalar_dense", "set_", "resize_")}
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
 
 
-def variant_config(base: list[str], ours: bool, device: torch.device, workers: int) -> Config:
-    if ours:
-        extra = ["perf.data_path=device", "amp=true", "perf.channels_last=true",
-                 f"perf.optimizer_impl={'fused' if device.type == 'cuda' else 'auto'}"]
+def variant_config(base: list[str], variant: str, step: str, device: torch.device,
+                   workers: int) -> Config:
+    stage, batch = STEPS[step]
+    extra = list(VARIANTS[variant])
+    if variant == "baseline":
+        extra.append(f"data.num_workers={workers}")
     else:
-        extra = ["perf.data_path=workers", "amp=false", "perf.channels_last=false",
-                 "perf.optimizer_impl=auto", f"data.num_workers={workers}"]
+        extra.append(f"perf.optimizer_impl={'fused' if device.type == 'cuda' else 'auto'}")
+    if batch is not None:
+        extra.append(f"{stage}.batch_size={batch}")
     return load_config("cifar10", base + extra + [f"device={device}", "progress=false"])
+
+
+def profile_steps(run, device: torch.device, steps: int) -> dict[str, float]:
+    """Operators, launch calls and GPU busy share per step, over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run(steps)
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    leaves = [e for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    kernels = [e for e in leaves if e.name not in NO_KERNEL]
+    launches = [e for e in events if e.name in LAUNCH_CALLS]
+    out = {"aten_ops_per_step": len(aten) / steps, "kernel_ops_per_step": len(kernels) / steps,
+           "launch_calls_per_step": len(launches) / steps, "wall_ms_per_step": 1e3 * wall / steps}
+    if device.type == "cuda":
+        kernel_us = sum(e.device_time for e in events
+                        if e.device_type == torch.autograd.DeviceType.CUDA)
+        out["gpu_ms_per_step"] = kernel_us / 1e3 / steps
+        out["gpu_busy"] = kernel_us / 1e6 / wall
+    return out
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -52,13 +124,22 @@ def main() -> None:
                         help="cifar10-jpeg.tar.gz or its extracted folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, help="timed steps (default 30; 5 with --quick)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 8; 2 with --quick)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the baseline")
     parser.add_argument("--quick", action="store_true",
                         help="CPU run: tiny ResNet (width 16), batches of 64")
-    parser.add_argument("--only", choices=STEPS, nargs="*", default=list(STEPS))
+    parser.add_argument("--only", choices=list(STEPS), nargs="*", default=list(STEPS))
+    parser.add_argument("--variants", choices=list(VARIANTS), nargs="*",
+                        default=["baseline", "eager", "graphs", "graphs-nchw"])
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each step of --profile-variant after the timings")
+    parser.add_argument("--profile-variant", default="graphs", choices=list(VARIANTS))
+    parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--check", action="store_true",
+                        help="compare the mean loss of eager and graph steps from one seed")
+    parser.add_argument("--json", type=Path, help="also write the JSON record here")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -67,34 +148,87 @@ def main() -> None:
         base = ["model.backbone=resnet_tiny", "model.width=16", "pretext.batch_size=64",
                 "scan.batch_size=64", "selflabel.batch_size=64"]
     args.steps = args.steps or (5 if args.quick else 30)
-    args.warmup = args.warmup or (2 if args.quick else 8)
-    probe = load_config("cifar10", base)
-    largest = max(probe.pretext.batch_size, probe.scan.batch_size, probe.selflabel.batch_size)
-    limit = largest * (args.steps + args.warmup) + largest
+    args.warmup = args.warmup or (4 if args.quick else 8)
+    largest = 64 if args.quick else 1000
+    limit = largest * (args.steps + args.warmup + args.profile_steps) + largest
     dataset = cifar10_jpeg(args.data, "train", limit=min(limit, 50_000))
-    rng = np.random.default_rng(0)
-    neighbors = rng.integers(0, len(dataset), size=(len(dataset), 20))
+    neighbors = np.random.default_rng(0).integers(0, len(dataset), size=(len(dataset), 20))
 
-    results = {}
-    for step in args.only:
-        runs: dict[str, list[float]] = {"ours": [], "baseline": []}
-        for _ in range(args.repeats):
-            for name in ("ours", "baseline"):
-                cfg = variant_config(base, name == "ours", device, args.workers)
-                run = training_steps(step, cfg, dataset, neighbors, device)
-                runs[name].append(images_per_second(run, getattr(cfg, step).batch_size, device,
-                                                    args.warmup, args.steps))
-        stats = {name: {"mean": statistics.mean(v),
-                        "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "runs": v}
-                 for name, v in runs.items()}
-        stats["ratio"] = stats["ours"]["mean"] / stats["baseline"]["mean"]
-        results[step] = stats
-        print(f"{step:10s} ours {stats['ours']['mean']:9.0f} ± {stats['ours']['std']:6.0f} img/s"
-              f"   baseline {stats['baseline']['mean']:9.0f} ± {stats['baseline']['std']:6.0f}"
-              f" img/s   ratio {stats['ratio']:.2f}x", flush=True)
+    results: dict[str, dict] = {}
     record = {"benchmark": "throughput", **machine(), "quick": args.quick,
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-              "images": len(dataset), "results": results}
+              "images": len(dataset), "variants": {v: VARIANTS[v] for v in args.variants},
+              "results": results}
+
+    def save() -> None:
+        """Written after every measurement, so a run cut off by a time limit keeps its figures."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(record, indent=1) + "\n")
+
+    for step in args.only:
+        stage, _ = STEPS[step]
+        runs: dict[str, list[float]] = {v: [] for v in args.variants}
+        modes: dict[str, str] = {}
+        batch = 0
+        for _ in range(args.repeats):
+            for variant in args.variants:
+                cfg = variant_config(base, variant, step, device, args.workers)
+                batch = getattr(cfg, stage).batch_size
+                run = training_steps(stage, cfg, dataset, neighbors, device)
+                runs[variant].append(images_per_second(run, batch, device, args.warmup,
+                                                       args.steps))
+                modes[variant] = run.step.mode
+                del run
+                release(device)
+        stats: dict[str, dict] = {
+            v: {"mean": statistics.mean(r), "std": statistics.pstdev(r) if len(r) > 1 else 0.0,
+                "runs": r, "step": modes[v]} for v, r in runs.items()}
+        if "baseline" in stats:
+            for v in stats:
+                stats[v]["vs_baseline"] = stats[v]["mean"] / stats["baseline"]["mean"]
+        results[step] = {"batch_size": batch, "variants": stats}
+        cells = "   ".join(f"{v} {s['mean']:8.0f} ± {s['std']:5.0f}"
+                           + (f" ({s['vs_baseline']:.2f}x)" if "vs_baseline" in s else "")
+                           for v, s in stats.items())
+        print(f"{step:10s} batch {batch:4d}   {cells}", flush=True)
+        save()
+
+    if args.profile:
+        for step in args.only:
+            stage, _ = STEPS[step]
+            cfg = variant_config(base, args.profile_variant, step, device, args.workers)
+            run = training_steps(stage, cfg, dataset, neighbors, device)
+            run(args.warmup)
+            figures = profile_steps(run, device, args.profile_steps)
+            figures["variant"], figures["step"] = args.profile_variant, run.step.mode
+            results[step]["profile"] = figures
+            print(f"{step:10s} profile ({args.profile_variant}, {run.step.mode}): "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
+                              if isinstance(v, float)), flush=True)
+            save()
+            del run
+            release(device)
+
+    if args.check:
+        for step in args.only:
+            stage, _ = STEPS[step]
+            losses = {}
+            for variant in ("eager", "graphs"):
+                cfg = variant_config(base, variant, step, device, args.workers)
+                run = training_steps(stage, cfg, dataset, neighbors, device)
+                run(args.warmup)
+                losses[variant] = run(args.steps)["loss"]
+                losses[variant + "_step"] = run.step.mode
+                del run
+                release(device)
+            results[step]["check"] = losses
+            print(f"{step:10s} mean loss over {args.steps} steps after {args.warmup}: "
+                  f"eager {losses['eager']:.5f}, graphs {losses['graphs']:.5f} "
+                  f"({losses['graphs_step']})", flush=True)
+            save()
+
+    save()
     print(json.dumps(record))
 
 

@@ -9,17 +9,19 @@ SCAN run on ImageNet becomes M + 1 inference passes plus seconds of linear-head 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from scanclust.data.datasets import ImageDataset
-from scanclust.data.paths import Batch, Batches, DevicePath, WorkerPath, num_batches
+from scanclust.data.paths import (PARTNER, Augment, Batch, Batches, DataPath, draw_partners,
+                                  index_order, num_batches, to_device)
 from scanclust.runtime import autocast, derive_seed
-from scanclust.training import progress, to_device
+from scanclust.training import progress
 
 
 @torch.no_grad()
-def cache_features(backbone: nn.Module, data: WorkerPath | DevicePath, dataset: ImageDataset,
+def cache_features(backbone: nn.Module, data: DataPath, dataset: ImageDataset,
                    kind: str, views: int, batch_size: int, device: torch.device, amp: bool,
                    seed: int, store: tuple[torch.device, torch.dtype],
                    show: bool) -> torch.Tensor:
@@ -44,8 +46,46 @@ def cache_features(backbone: nn.Module, data: WorkerPath | DevicePath, dataset: 
     return out
 
 
+class FeatureAugment(Augment):
+    """Views of cached features: ``eval`` is view 0, any other kind one of the M augmented
+    views drawn per sample and step (view 0 when none was cached); with ``neighbors`` the
+    ``neighbor`` view shows a partner drawn as on the image paths."""
+
+    def __init__(self, path: FeaturePath, views: dict[str, str], neighbors: np.ndarray | None,
+                 generator: torch.Generator | None) -> None:
+        self.path, self.views, self.generator = path, views, generator
+        store = path.features.device
+        self.table = (None if neighbors is None else
+                      torch.from_numpy(np.ascontiguousarray(neighbors)).to(store))
+        # Features kept in host memory (ImageNet-size caches) are gathered on the host.
+        self.on_device = store == path.device
+
+    def _view(self, kind: str, index: torch.Tensor) -> torch.Tensor:
+        features = self.path.features
+        augmented = features.shape[0] - 1
+        if kind == "eval" or augmented == 0:
+            return features[0, index]
+        pick = torch.randint(1, augmented + 1, index.shape, generator=self.generator,
+                             device=index.device)
+        return features[pick, index]
+
+    def __call__(self, batch: Batch) -> Batch:
+        index = batch["index"].to(self.path.features.device)
+        out = {"index": index, "label": self.path.targets[index]}
+        other = index
+        if self.table is not None:
+            other = out["neighbor_index"] = draw_partners(index, self.table, self.generator)
+        for name, kind in self.views.items():
+            out[name] = self._view(kind, other if name == PARTNER and self.table is not None
+                                   else index)
+        return {k: v.to(self.path.device, torch.float32 if v.is_floating_point() else v.dtype,
+                        non_blocking=True) for k, v in out.items()}
+
+
 class FeaturePath:
-    """Batches of cached features shaped like an image data path's batches."""
+    """Cached features ``[1 + M, N, D]`` served like an image data path (``paths.py``)."""
+
+    name = "cached"
 
     def __init__(self, features: torch.Tensor, targets: torch.Tensor,
                  device: torch.device) -> None:
@@ -53,60 +93,17 @@ class FeaturePath:
         self.targets = targets
         self.device = device
 
-    def _augmented(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One random augmented view per sample (the eval view 0 when none was cached)."""
-        views = self.features.shape[0] - 1
-        if views == 0:
-            return self.features[0, idx]
-        pick = torch.randint(1, views + 1, idx.shape, generator=generator, device=idx.device)
-        return self.features[pick, idx]
+    def augment(self, views: dict[str, str], neighbors: np.ndarray | None = None,
+                generator: torch.Generator | None = None) -> FeatureAugment:
+        return FeatureAugment(self, views, neighbors, generator)
 
-    def _order(self, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
+                train: bool) -> Batches:
         n = self.features.shape[1]
-        generator = torch.Generator(device=self.features.device).manual_seed(seed)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return order.to(self.features.device), generator
-
-    def _out(self, batch: Batch) -> Batch:
-        return {k: v.to(self.device, torch.float32 if v.is_floating_point() else v.dtype,
-                        non_blocking=True) for k, v in batch.items()}
-
-    def pairs(self, neighbors: torch.Tensor, batch_size: int, *, seed: int) -> Batches:
-        """Anchor and uniformly drawn neighbour, each under its own random cached view."""
-        n = self.features.shape[1]
-        batch_size, count = num_batches(n, batch_size, True)
-        order, generator = self._order(seed)
-        table = neighbors.to(self.features.device)
-
-        def iterate():
-            for b in range(count):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                if table.shape[1] == 0:
-                    other = idx
-                else:
-                    pick = torch.randint(table.shape[1], (len(idx), 1), generator=generator,
-                                         device=idx.device)
-                    other = table[idx].gather(1, pick).squeeze(1)
-                yield self._out({"anchor": self._augmented(idx, generator),
-                                 "neighbor": self._augmented(other, generator),
-                                 "index": idx, "label": self.targets[idx]})
-
-        return Batches(iterate(), count)
-
-    def weak_strong(self, batch_size: int, *, seed: int) -> Batches:
-        """Self-label batches: eval-view features as ``weak``, an augmented view as ``strong``."""
-        n = self.features.shape[1]
-        batch_size, count = num_batches(n, batch_size, True)
-        order, generator = self._order(seed)
-
-        def iterate():
-            for b in range(count):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                yield self._out({"weak": self.features[0, idx],
-                                 "strong": self._augmented(idx, generator),
-                                 "index": idx, "label": self.targets[idx]})
-
-        return Batches(iterate(), count)
+        batch_size, count = num_batches(n, batch_size, train)
+        order = index_order(n, shuffle, seed, self.features.device)
+        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
+                        for b in range(count)), count)
 
 
 def feature_store(limit_gb: float, views: int, n: int, dim: int,

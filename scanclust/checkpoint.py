@@ -17,7 +17,18 @@ import torch
 
 from scanclust.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+# What version-1 checkpoints (written before the authors' released behaviour became the
+# default) ran with, for the config keys that did not exist then. Filling them in on load lets
+# an older run directory rebuild its model and say which variant it used.
+_VERSION_1_BEHAVIOUR = {
+    "augment.strong.op_draw": "distinct", "augment.strong.posterize_bits": [4, 8],
+    "augment.strong.interpolation": "bilinear", "augment.strong.fill": 128,
+    "augment.strong.shear_pivot": "center", "augment.strong.cutout_side": "fixed",
+    "scan.partner": "neighbors", "scan.selection_entropy_weight": None,
+    "scan.selection_neighbors": None, "scan.selection_self": False,
+}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -53,4 +64,25 @@ def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a scanclust checkpoint")
     if stage is not None and payload["stage"] != stage:
         raise CheckpointError(f"{path} holds the {payload['stage']!r} stage, expected {stage!r}")
+    return _upgrade(payload)
+
+
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older checkpoint's recorded config up to the current format.
+
+    Version 1 had no keys for the variants in _VERSION_1_BEHAVIOUR, and its ``resnet18_stl``
+    was torchvision's 7x7/2 stem, now called ``resnet18``.
+    """
+    config = payload.get("config")
+    if payload.get("format_version", 1) >= 2 or not isinstance(config, dict):
+        return payload
+    for dotted, value in _VERSION_1_BEHAVIOUR.items():
+        section, key = dotted.rsplit(".", 1)
+        node = config
+        for part in section.split("."):
+            node = node.setdefault(part, {})
+        node.setdefault(key, value)
+    model = config.get("model", {})
+    if model.get("backbone") == "resnet18_stl":
+        model["backbone"] = "resnet18"
     return payload

@@ -22,7 +22,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = z1.shape[0]
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    # Row i's partner is i + n (mod 2n), made on the device: no host copy inside a step.
+    target = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
     return F.cross_entropy(logits, target)
 
 
@@ -57,27 +58,28 @@ def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor,
 
 def masked_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
                          threshold: float,
-                         class_balance: bool = True) -> tuple[torch.Tensor | None, int]:
+                         class_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-label loss: cross-entropy on the strong view against confident weak-view labels.
 
     A sample is confident when its max softmax probability on the weak view exceeds
     ``threshold``; its pseudo label is the argmax. With ``class_balance`` each class present
     among the confident samples is weighted by the inverse of its count, so the loss is the
     mean over present classes of the per-class mean loss (clusters that are confident early
-    would otherwise dominate). Returns ``(None, 0)`` when no sample is confident: a normal
+    would otherwise dominate).
+
+    Returns ``(loss, count)``, both tensors: the weighted mean over the confident samples, as
+    ``F.cross_entropy(..., weight=)`` on them would give, and their number. The mask weights
+    every sample instead of selecting rows, so shapes never depend on the data and nothing
+    waits for the host; with no confident sample the loss is 0 with zero gradients, a normal
     event early in training, which the caller skips and counts.
     """
     probs = F.softmax(weak_logits.detach().float(), dim=-1)
     max_prob, target = probs.max(dim=-1)
-    mask = max_prob > threshold
-    count = int(mask.sum())
-    if count == 0:
-        return None, 0
-    target = target[mask]
-    logits = strong_logits[mask].float()
-    weight = None
+    mask = (max_prob > threshold).float()
+    per_sample = -F.log_softmax(strong_logits.float(), dim=-1).gather(1, target[:, None])[:, 0]
+    weight = mask
     if class_balance:
-        counts = torch.bincount(target, minlength=logits.shape[-1]).float()
-        weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
-        weight = weight / weight.sum()
-    return F.cross_entropy(logits, target, weight=weight), count
+        counts = torch.zeros(probs.shape[-1], device=mask.device).scatter_add_(0, target, mask)
+        weight = mask * (1.0 / counts.clamp_min(1.0))[target]
+    loss = (weight * per_sample).sum() / weight.sum().clamp_min(EPS)
+    return loss, mask.sum().to(torch.long)

@@ -19,18 +19,18 @@ from torch import nn
 from scanclust.checkpoint import load_checkpoint
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
-from scanclust.data.paths import DevicePath, WorkerPath, data_path_for
+from scanclust.data.paths import DataPath, data_path_for, to_device
 from scanclust.pretext import build_contrastive_model
 from scanclust.rundir import write_json
 from scanclust.runtime import autocast, resolve_device
-from scanclust.training import log, prepare_model, progress, begin_stage, to_device
+from scanclust.training import log, prepare_model, progress, begin_stage
 
 STAGE = "mine"
 PURITY_KS = (1, 5, 20)
 
 
 @torch.no_grad()
-def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], data: WorkerPath | DevicePath,
+def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], data: DataPath,
                      dataset: ImageDataset, batch_size: int, device: torch.device, amp: bool,
                      channels_last: bool, show: bool, desc: str = "features") -> torch.Tensor:
     """``encode`` applied to the eval view of every image, in data set order, float32 on CPU."""

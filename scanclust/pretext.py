@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,12 +16,13 @@ from torch import nn
 from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scanclust.config import Config
 from scanclust.data import build_dataset
-from scanclust.data.paths import data_path_for, num_batches
+from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
 from scanclust.losses import nt_xent
 from scanclust.models import ContrastiveModel, build_backbone
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
-from scanclust.training import (build_optimizer, build_scheduler, log, prepare_model, progress,
-                                begin_stage, to_device)
+from scanclust.step import TrainStep
+from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, log,
+                                prepare_model, progress, begin_stage)
 
 STAGE = "pretext"
 
@@ -31,28 +32,37 @@ def build_contrastive_model(cfg: Config) -> ContrastiveModel:
     return ContrastiveModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim)
 
 
-def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, temperature: float,
-                    device: torch.device, amp: bool, channels_last: bool, show: bool,
-                    desc: str) -> dict[str, float]:
+def contrastive_body(forward: Callable, augment: Augment, temperature: float,
+                     device: torch.device, amp: bool) -> Callable[[Batch], Batch]:
+    """The pretext step's body (``scanclust.step``): two SimCLR views, NT-Xent, gradients."""
+
+    def body(batch: Batch) -> Batch:
+        views = augment(batch)
+        # One forward pass over both views: batch norm sees the same statistics for each.
+        with autocast(device, amp):
+            z1, z2 = forward(torch.cat([views["view1"], views["view2"]])).chunk(2)
+        loss = nt_xent(z1, z2, temperature)
+        loss.backward()
+        return {"loss": loss.detach()}
+
+    return body
+
+
+def train_one_epoch(model: nn.Module, step: TrainStep, batches: Batches,
+                    optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+                    show: bool, desc: str) -> dict[str, float]:
     model.train()
     total = torch.zeros((), device=device)
     steps = images = 0
     start = time.perf_counter()
     for batch in progress(batches, show, desc):
-        batch = to_device(batch, device, channels_last)
-        # One forward pass over both views: batch norm sees the same statistics for each.
-        views = torch.cat([batch["view1"], batch["view2"]])
-        with autocast(device, amp):
-            z1, z2 = model(views).chunk(2)
-        loss = nt_xent(z1, z2, temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out = step(batch)
         optimizer.step()
         scheduler.step()
-        total += loss.detach()
+        total += out["loss"]
         steps += 1
-        images += len(views) // 2
+        images += len(batch["index"])
     mean_loss = float(total) / max(steps, 1)  # the epoch's only host sync
     seconds = time.perf_counter() - start
     return {"loss": mean_loss, "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
@@ -88,29 +98,32 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
         start_epoch, seconds = state["epoch"], state["seconds"]
         log.info("pretext: resuming at epoch %d/%d", start_epoch, pc.epochs)
 
+    augment = data.augment(dataset, {"view1": "simclr", "view2": "simclr"})
+    step = TrainStep(contrastive_body(forward, augment, pc.temperature, device, cfg.amp),
+                     model.parameters(), device, cfg.perf.cuda_graphs)
     stats: dict[str, float] = {}
     for epoch in range(start_epoch, pc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        batches = data.views(dataset, {"view1": "simclr", "view2": "simclr"}, pc.batch_size,
-                             shuffle=True, seed=derive_seed(cfg.seed, STAGE, "order", epoch),
-                             train=True)
-        stats = train_one_epoch(forward, batches, optimizer, scheduler, pc.temperature, device,
-                                cfg.amp, cfg.perf.channels_last, cfg.progress,
+        batches = data.batches(augment, pc.batch_size, shuffle=True,
+                               seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
+        stats = train_one_epoch(model, step, batches, optimizer, scheduler, device, cfg.progress,
                                 f"pretext {epoch + 1}/{pc.epochs}")
         seconds += stats["seconds"]
         run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], **stats)
-        log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s (%s data path)", epoch + 1,
-                 pc.epochs, stats["loss"], stats["images_per_s"], data.name)
-        save_checkpoint(run.checkpoint(STAGE), STAGE, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
-            "seconds": seconds, "config": cfg.to_dict(), "has_head": True})
+        log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s (%s data path, %s step)",
+                 epoch + 1, pc.epochs, stats["loss"], stats["images_per_s"], data.name, step.mode)
+        if checkpoint_due(epoch + 1, epoch + 1 == pc.epochs, cfg.checkpoint_every):
+            save_checkpoint(run.checkpoint(STAGE), STAGE, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
+                "seconds": seconds, "config": cfg.to_dict(), "has_head": True})
     if pc.epochs == 0:
         save_checkpoint(run.checkpoint(STAGE), STAGE, {
             "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "config": cfg.to_dict(),
             "has_head": True})
     summary = {"seconds": seconds, "epochs": pc.epochs, "final_loss": stats.get("loss"),
-               "images_per_s": stats.get("images_per_s"), "data_path": data.name}
+               "images_per_s": stats.get("images_per_s"), "data_path": data.name,
+               "step": step.mode}
     run.finish(STAGE, summary)
     return summary
 

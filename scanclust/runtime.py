@@ -32,9 +32,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full precision elsewhere."""
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full precision elsewhere.
+
+    The cache of cast weights is off: CUDA graph capture requires it, and each step casts the
+    weights once anyway (the views of a step share one forward pass).
+    """
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

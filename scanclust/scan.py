@@ -1,9 +1,10 @@
 """Stage 3, SCAN: train a cluster model so that images and their neighbours agree, confidently.
 
-Each step pairs every anchor with one of its K mined neighbours, drawn uniformly, both under
-the strong augmentation. After each epoch the SCAN loss of every head is measured on the val
-split (eval view, val neighbours); the head and epoch with the lowest loss are kept. No label
-is used for that choice.
+Each step pairs every anchor with a partner drawn uniformly among its K mined neighbours and,
+as the authors' released code does (``scan.partner``), the image itself; both under the strong
+augmentation. After each epoch a label-free selection loss of every head is measured on the val
+split (eval view, val neighbours; ``selection_loss``); the head and epoch with the lowest loss
+are kept.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import numpy as np
 import torch
 
 from scanclust.checkpoint import load_checkpoint, save_checkpoint
-from scanclust.config import Config, ConfigError, load_config
+from scanclust.config import Config, ConfigError, ScanConfig, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
 from scanclust.data import ImageDataset, build_dataset
-from scanclust.data.paths import DevicePath, WorkerPath, data_path_for, num_batches
+from scanclust.data.paths import (Augment, Batch, Batches, DataPath, data_path_for, num_batches,
+                                  to_device)
 from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, backbone_state, build_backbone
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
-from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, prepare_model,
-                                progress, begin_stage, to_device)
+from scanclust.step import TrainStep
+from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, cpu_state, log,
+                                prepare_model, progress, begin_stage)
 
 STAGE = "scan"
 
@@ -61,30 +64,39 @@ def set_train_mode(model: ClusterModel, update_backbone: bool) -> None:
         model.backbone.eval()
 
 
-def train_one_epoch(model: ClusterModel, forward: Callable, batches,
+def scan_body(forward: Callable, augment: Augment, entropy_weight: float, device: torch.device,
+              amp: bool) -> Callable[[Batch], Batch]:
+    """The SCAN step's body (``scanclust.step``): anchors and partners through ``forward`` (the
+    model on images, or its heads on cached features) in one pass, SCAN loss, gradients."""
+
+    def body(batch: Batch) -> Batch:
+        views = augment(batch)
+        with autocast(device, amp):
+            logits = forward(torch.cat([views["anchor"], views["neighbor"]]))
+        anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
+        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight)
+        total.sum().backward()
+        return {"loss": torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()}
+
+    return body
+
+
+def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
                     optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, entropy_weight: float,
-                    update_backbone: bool, device: torch.device, amp: bool, channels_last: bool,
-                    show: bool, desc: str) -> dict[str, Any]:
-    """One epoch of SCAN. ``forward`` maps a batch to ``[H, B, C]`` logits: the (possibly
-    compiled) model on images, or ``model.forward_heads`` on cached features."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, update_backbone: bool,
+                    device: torch.device, show: bool, desc: str) -> dict[str, Any]:
+    """One epoch of SCAN; returns the mean loss terms, images/s and seconds."""
     set_train_mode(model, update_backbone)
     sums = torch.zeros(3, device=device)
     steps = images = 0
     start = time.perf_counter()
     for batch in progress(batches, show, desc):
-        batch = to_device(batch, device, channels_last)
-        pair = torch.cat([batch["anchor"], batch["neighbor"]])
-        with autocast(device, amp):
-            anchor_logits, neighbor_logits = forward(pair).chunk(2, dim=1)
-        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight)
-        optimizer.zero_grad(set_to_none=True)
-        total.sum().backward()
+        out = step(batch)
         optimizer.step()
         scheduler.step()
-        sums += torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()
+        sums += out["loss"]
         steps += 1
-        images += len(batch["anchor"])
+        images += len(batch["index"])
     loss, consistency, entropy = (sums / max(steps, 1)).tolist()  # the epoch's only host sync
     seconds = time.perf_counter() - start
     return {"loss": loss, "consistency": consistency, "entropy": entropy,
@@ -92,7 +104,7 @@ def train_one_epoch(model: ClusterModel, forward: Callable, batches,
 
 
 @torch.no_grad()
-def predict_logits(model: ClusterModel, data: WorkerPath | DevicePath, dataset: ImageDataset,
+def predict_logits(model: ClusterModel, data: DataPath, dataset: ImageDataset,
                    batch_size: int, device: torch.device, amp: bool, channels_last: bool,
                    show: bool, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-view logits ``[H, N, C]`` and backbone features ``[N, D]`` of a whole split."""
@@ -111,7 +123,7 @@ def predict_logits(model: ClusterModel, data: WorkerPath | DevicePath, dataset: 
 
 def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weight: float,
                       chunk: int = 1024) -> torch.Tensor:
-    """SCAN loss per head over a whole split, each sample against all its K neighbours.
+    """SCAN loss per head over a whole split, each sample against all its neighbours.
 
     Anchors are taken ``chunk`` at a time so memory stays ``H x chunk x K x C`` (ImageNet val
     with 10 heads, K = 50 and 1000 clusters would need 100 GB at once).
@@ -128,6 +140,34 @@ def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weigh
     consistency = -log_sims / (n * k)
     _, _, entropy = scan_loss(logits, logits, 0.0)
     return consistency - entropy_weight * entropy
+
+
+def with_self(neighbors: np.ndarray) -> np.ndarray:
+    """Prepend each row's own index: [N, K] -> [N, K + 1]."""
+    own = np.arange(len(neighbors), dtype=neighbors.dtype)[:, None]
+    return np.concatenate([own, neighbors], axis=1)
+
+
+def partner_table(neighbors: np.ndarray, sc: ScanConfig) -> np.ndarray:
+    """The entries a training partner is drawn from: the K neighbours, and with
+    ``partner=neighbors_and_self`` the image itself (so 1 pair in K + 1 is an image with its
+    own second augmentation, as in the authors' released code)."""
+    return with_self(neighbors) if sc.partner == "neighbors_and_self" else neighbors
+
+
+def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig) -> torch.Tensor:
+    """The label-free loss that picks the kept head and epoch, per head.
+
+    The authors' released behaviour (the default): consistency - 1 x entropy over each image's
+    first 5 val neighbours plus the image itself. ``selection_entropy_weight=null``,
+    ``selection_neighbors=null`` and ``selection_self=false`` give the other reading: the
+    training loss (weight 5) over all mined neighbours.
+    """
+    table = neighbors if sc.selection_neighbors is None else neighbors[:, :sc.selection_neighbors]
+    if sc.selection_self:
+        table = with_self(table)
+    weight = sc.entropy_weight if sc.selection_entropy_weight is None else sc.selection_entropy_weight
+    return heldout_scan_loss(logits, table, weight)
 
 
 def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | None:
@@ -162,16 +202,19 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     if len(train_neighbors) != len(train_set):
         raise ConfigError(f"{run.neighbors('train')} has {len(train_neighbors)} rows but the "
                           f"train split has {len(train_set)} images; rerun mine")
-    val_neighbors = load_neighbors(run, "val", sc.num_neighbors)
+    partners = partner_table(train_neighbors, sc)
+    val_neighbors = load_neighbors(run, "val", None)
     if val_neighbors is None or val_neighbors.shape[1] == 0:
         val_set, val_neighbors = train_set, load_neighbors(run, "train", None)
     data = data_path_for(cfg, device, train_set)
     val_data = data_path_for(cfg, device, val_set)
-    channels_last = cfg.perf.channels_last
+    views = {"anchor": sc.augment, "neighbor": sc.augment}
     if sc.cached_views:
         features, val_features = _cache(model, cfg, data, train_set, val_data, val_set, device)
-        forward, channels_last = model.forward_heads, False
-        neighbors_t = torch.from_numpy(np.ascontiguousarray(train_neighbors))
+        forward, data = model.forward_heads, features
+        augment = features.augment(views, partners)
+    else:
+        augment = data.augment(train_set, views, partners)
     steps_per_epoch = num_batches(len(train_set), sc.batch_size, True)[1]
     optimizer = build_optimizer(model.parameters(), sc.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, sc.optim, steps_per_epoch * sc.epochs)
@@ -189,17 +232,14 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
         best, history = state["best"], state["history"]
         log.info("scan: resuming at epoch %d/%d", start_epoch, sc.epochs)
 
+    step = TrainStep(scan_body(forward, augment, sc.entropy_weight, device, cfg.amp),
+                     model.parameters(), device, cfg.perf.cuda_graphs and augment.on_device)
     for epoch in range(start_epoch, sc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        order_seed = derive_seed(cfg.seed, STAGE, "order", epoch)
-        if sc.cached_views:
-            batches = features.pairs(neighbors_t, sc.batch_size, seed=order_seed)
-        else:
-            batches = data.pairs(train_set, train_neighbors, sc.augment, sc.batch_size,
-                                 seed=order_seed)
-        stats = train_one_epoch(model, forward, batches, optimizer, scheduler,
-                                sc.entropy_weight, sc.update_backbone, device, cfg.amp,
-                                channels_last, cfg.progress, f"scan {epoch + 1}/{sc.epochs}")
+        batches = data.batches(augment, sc.batch_size, shuffle=True,
+                               seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
+        stats = train_one_epoch(model, step, batches, optimizer, scheduler, sc.update_backbone,
+                                device, cfg.progress, f"scan {epoch + 1}/{sc.epochs}")
         seconds += stats["seconds"]
         if sc.cached_views:
             with torch.no_grad():
@@ -207,7 +247,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
         else:
             logits, _ = predict_logits(model, val_data, val_set, cfg.evaluate.batch_size, device,
                                        cfg.amp, cfg.perf.channels_last, False)
-        val_loss = heldout_scan_loss(logits, val_neighbors, sc.entropy_weight)
+        val_loss = selection_loss(logits, val_neighbors, sc)
         history.append(val_loss.tolist())
         head = int(val_loss.argmin())
         if float(val_loss[head]) < best["loss"]:
@@ -215,13 +255,15 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
                     "model": cpu_state(model)}
         run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], val_loss=val_loss.tolist(),
                 best_head=best["head"], best_epoch=best["epoch"], **stats)
-        log.info("scan epoch %d/%d  loss %.4f  val loss %.4f (head %d)  %.0f img/s", epoch + 1,
-                 sc.epochs, stats["loss"], float(val_loss[head]), head, stats["images_per_s"])
-        save_checkpoint(run.checkpoint(STAGE), STAGE, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
-            "seconds": seconds, "best": best, "history": history, "config": cfg.to_dict(),
-            "num_clusters": clusters, "num_heads": sc.num_heads})
+        log.info("scan epoch %d/%d  loss %.4f  val loss %.4f (head %d)  %.0f img/s (%s step)",
+                 epoch + 1, sc.epochs, stats["loss"], float(val_loss[head]), head,
+                 stats["images_per_s"], step.mode)
+        if checkpoint_due(epoch + 1, epoch + 1 == sc.epochs, cfg.checkpoint_every):
+            save_checkpoint(run.checkpoint(STAGE), STAGE, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": capture_rng(),
+                "seconds": seconds, "best": best, "history": history, "config": cfg.to_dict(),
+                "num_clusters": clusters, "num_heads": sc.num_heads})
     if sc.epochs == 0:
         save_checkpoint(run.checkpoint(STAGE), STAGE, {
             "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "best": best,
@@ -229,13 +271,14 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             "num_heads": sc.num_heads})
     summary = {"seconds": seconds, "epochs": sc.epochs, "best_head": best["head"],
                "best_epoch": best["epoch"], "best_loss": best["loss"],
-               "num_clusters": clusters, "data_path": "cached" if sc.cached_views else data.name}
+               "num_clusters": clusters, "data_path": data.name, "step": step.mode}
     run.finish(STAGE, summary)
     return summary
 
 
-def _cache(model: ClusterModel, cfg: Config, data, train_set: ImageDataset, val_data,
-           val_set: ImageDataset, device: torch.device) -> tuple[FeaturePath, torch.Tensor]:
+def _cache(model: ClusterModel, cfg: Config, data: DataPath, train_set: ImageDataset,
+           val_data: DataPath, val_set: ImageDataset,
+           device: torch.device) -> tuple[FeaturePath, torch.Tensor]:
     """Train features (eval view + ``scan.cached_views`` augmented views) and val eval features."""
     sc = cfg.scan
     store = feature_store(cfg.perf.device_data_gb, sc.cached_views, len(train_set),

@@ -18,52 +18,67 @@ from scanclust.checkpoint import load_checkpoint, save_checkpoint
 from scanclust.config import Config, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
 from scanclust.data import build_dataset
-from scanclust.data.paths import data_path_for, num_batches
+from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
 from scanclust.losses import masked_cross_entropy
 from scanclust.models import ClusterModel
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.scan import build_cluster_model, freeze_backbone, load_scan_model, set_train_mode
-from scanclust.training import (build_optimizer, build_scheduler, cpu_state, log, prepare_model,
-                                progress, begin_stage, to_device)
+from scanclust.step import TrainStep
+from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, cpu_state, log,
+                                prepare_model, progress, begin_stage)
 
 STAGE = "selflabel"
 
 
-def train_one_epoch(model: ClusterModel, forward: Callable, batches,
-                    optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, threshold: float,
-                    class_balance: bool, update_backbone: bool, ema: AveragedModel | None,
-                    device: torch.device, amp: bool, channels_last: bool, show: bool,
-                    desc: str) -> dict[str, Any]:
-    """One epoch of self-labelling; ``forward`` is the model on images or its heads on features.
+def selflabel_body(forward: Callable, augment: Augment, threshold: float, class_balance: bool,
+                   device: torch.device, amp: bool) -> Callable[[Batch], Batch]:
+    """The self-label step's body (``scanclust.step``): weak and strong views, the confidence-
+    masked cross-entropy, gradients; ``forward`` is the model on images or its heads on
+    features."""
 
-    A batch without a confident sample is skipped and counted. Deciding that needs the count on
-    the host, one sync per step; it is the price of a loss that may not exist.
+    def body(batch: Batch) -> Batch:
+        views = augment(batch)
+        with autocast(device, amp):
+            with torch.no_grad():
+                weak_logits = forward(views["weak"])[0]
+            strong_logits = forward(views["strong"])[0]
+        loss, confident = masked_cross_entropy(weak_logits, strong_logits, threshold,
+                                               class_balance)
+        loss.backward()
+        return {"loss": loss.detach(), "confident": confident}
+
+    return body
+
+
+def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
+                    optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, update_backbone: bool,
+                    ema: AveragedModel | None, device: torch.device, show: bool,
+                    desc: str) -> dict[str, Any]:
+    """One epoch of self-labelling.
+
+    A batch without a confident sample is skipped (no optimizer step) and counted. Deciding
+    that needs the count on the host, one sync per step after the step's kernels are queued;
+    it is the price of a loss that may not exist.
     """
     set_train_mode(model, update_backbone)
     loss_sum = torch.zeros((), device=device)
     confident = steps = skipped = images = 0
     start = time.perf_counter()
     for batch in progress(batches, show, desc):
-        batch = to_device(batch, device, channels_last)
-        with autocast(device, amp):
-            with torch.no_grad():
-                weak_logits = forward(batch["weak"])[0]
-            strong_logits = forward(batch["strong"])[0]
-        loss, count = masked_cross_entropy(weak_logits, strong_logits, threshold, class_balance)
-        images += len(batch["weak"])
+        out = step(batch)
+        count = int(out["confident"])
+        images += len(batch["index"])
         confident += count
-        if loss is None:
+        if count == 0:
             skipped += 1
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        loss_sum += loss.detach()
+        loss_sum += out["loss"]
         steps += 1
     mean_loss = float(loss_sum) / max(steps, 1)
     seconds = time.perf_counter() - start
@@ -89,15 +104,17 @@ def selflabel(config: Config | str | Path | dict | None = None,
            if sl.ema is not None else None)
     dataset = build_dataset(cfg.data, "train")
     data = data_path_for(cfg, device, dataset)
-    channels_last = cfg.perf.channels_last
+    views = {"weak": "eval", "strong": sl.augment}
     if sl.cached_views:
         store = feature_store(cfg.perf.device_data_gb, sl.cached_views, len(dataset),
                               model.backbone.out_dim, device)
         feats = cache_features(model.backbone, data, dataset, sl.augment, sl.cached_views,
                                cfg.evaluate.batch_size, device, cfg.amp, cfg.seed, store,
                                cfg.progress)
-        features = FeaturePath(feats, torch.from_numpy(dataset.targets).to(store[0]), device)
-        forward, channels_last = model.forward_heads, False
+        data = FeaturePath(feats, torch.from_numpy(dataset.targets).to(store[0]), device)
+        forward, augment = model.forward_heads, data.augment(views)
+    else:
+        augment = data.augment(dataset, views)
     steps_per_epoch = num_batches(len(dataset), sl.batch_size, True)[1]
     optimizer = build_optimizer(model.parameters(), sl.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, sl.optim, steps_per_epoch * sl.epochs)
@@ -118,19 +135,17 @@ def selflabel(config: Config | str | Path | dict | None = None,
         best, history = state["best"], state["history"]
         log.info("selflabel: resuming at epoch %d/%d", start_epoch, sl.epochs)
 
+    step = TrainStep(selflabel_body(forward, augment, sl.threshold, sl.class_balance, device,
+                                    cfg.amp),
+                     model.parameters(), device, cfg.perf.cuda_graphs and augment.on_device)
     tolerance = sl.plateau_tolerance * len(dataset)
     epoch = start_epoch
     while epoch < sl.epochs and not (sl.patience is not None and plateau >= sl.patience):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))
-        order_seed = derive_seed(cfg.seed, STAGE, "order", epoch)
-        if sl.cached_views:
-            batches = features.weak_strong(sl.batch_size, seed=order_seed)
-        else:
-            batches = data.views(dataset, {"weak": "eval", "strong": sl.augment},
-                                 sl.batch_size, shuffle=True, seed=order_seed, train=True)
-        stats = train_one_epoch(model, forward, batches, optimizer, scheduler, sl.threshold,
-                                sl.class_balance, sl.update_backbone, ema, device, cfg.amp,
-                                channels_last, cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
+        batches = data.batches(augment, sl.batch_size, shuffle=True,
+                               seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
+        stats = train_one_epoch(model, step, batches, optimizer, scheduler, sl.update_backbone,
+                                ema, device, cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
         epoch += 1
         seconds += stats["seconds"]
         history.append(stats["confident"])
@@ -142,23 +157,24 @@ def selflabel(config: Config | str | Path | dict | None = None,
             plateau += 1
         run.log(STAGE, epoch=epoch, lr=scheduler.get_last_lr()[0], kept_epoch=best["epoch"],
                 **stats)
-        log.info("selflabel epoch %d/%d  loss %.4f  confident %d/%d  %.0f img/s", epoch,
-                 sl.epochs, stats["loss"], stats["confident"], len(dataset),
-                 stats["images_per_s"])
-        save_checkpoint(run.checkpoint(STAGE), STAGE, {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "rng": capture_rng(), "seconds": seconds, "plateau": plateau,
-            "best": best, "history": history, "config": cfg.to_dict(),
-            "num_clusters": model.num_clusters})
+        log.info("selflabel epoch %d/%d  loss %.4f  confident %d/%d  %.0f img/s (%s step)",
+                 epoch, sl.epochs, stats["loss"], stats["confident"], len(dataset),
+                 stats["images_per_s"], step.mode)
+        last = epoch == sl.epochs or (sl.patience is not None and plateau >= sl.patience)
+        if checkpoint_due(epoch, last, cfg.checkpoint_every):
+            save_checkpoint(run.checkpoint(STAGE), STAGE, {
+                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "rng": capture_rng(), "seconds": seconds, "plateau": plateau,
+                "best": best, "history": history, "config": cfg.to_dict(),
+                "num_clusters": model.num_clusters})
     if sl.epochs == 0:
         save_checkpoint(run.checkpoint(STAGE), STAGE, {
             "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "best": best,
             "history": [], "config": cfg.to_dict(), "num_clusters": model.num_clusters})
     summary = {"seconds": seconds, "epochs": epoch, "kept_epoch": best["epoch"],
                "confident": best["confident"], "num_samples": len(dataset),
-               "stopped_early": epoch < sl.epochs,
-               "data_path": "cached" if sl.cached_views else data.name}
+               "stopped_early": epoch < sl.epochs, "data_path": data.name, "step": step.mode}
     run.finish(STAGE, summary)
     return summary
 

@@ -76,26 +76,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def to_device(batch: dict[str, Any], device: torch.device,
-              channels_last: bool = False) -> dict[str, Any]:
-    """Move a batch to the device; image tensors become NHWC when ``channels_last``."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
-
-
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """Move to the device (NHWC weights with ``perf.channels_last``); return the callable to
-    train with, compiled when ``perf.compile``. State dicts are always taken from ``model``."""
+    train with, compiled when ``perf.compile``. State dicts are always taken from ``model``.
+
+    ``perf.cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape; every
+    training batch has one shape (the last partial batch is dropped), so that pays.
+    """
+    torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     model.to(device)
     if cfg.perf.channels_last:
         model.to(memory_format=torch.channels_last)
     return torch.compile(model) if cfg.perf.compile else model
+
+
+def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
+    """Whether a stage writes its checkpoint after ``epoch`` (counted from 1): every ``every``
+    epochs and after the last. A checkpoint of a ResNet-18 with its optimizer is about 90 MB;
+    written and synced after each of a few hundred short GPU epochs, it costs more than they do."""
+    return last or epoch % every == 0
 
 
 def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterator:

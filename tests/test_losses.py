@@ -92,7 +92,30 @@ def test_masked_cross_entropy_class_balance_is_mean_of_class_means() -> None:
 
 def test_masked_cross_entropy_nothing_confident() -> None:
     weak = torch.zeros(3, 4)  # uniform: max prob 0.25
-    assert masked_cross_entropy(weak, torch.randn(3, 4), 0.9) == (None, 0)
+    strong = torch.randn(3, 4, requires_grad=True)
+    loss, count = masked_cross_entropy(weak, strong, 0.9)
+    assert loss.item() == 0.0 and count.item() == 0
+    loss.backward()  # a step the caller skips: no sample moves the weights
+    assert strong.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_masked_cross_entropy_equals_cross_entropy_on_the_confident_rows(balance: bool) -> None:
+    # The mask weights rows instead of selecting them (static shapes for CUDA graphs): the
+    # value must still be torch's weighted cross-entropy on the selected rows.
+    torch.manual_seed(0)
+    weak, strong = torch.randn(64, 5) * 3, torch.randn(64, 5)
+    loss, count = masked_cross_entropy(weak, strong, 0.8, class_balance=balance)
+    probs = weak.softmax(dim=1)
+    keep = probs.max(dim=1).values > 0.8
+    target = probs.argmax(dim=1)[keep]
+    weight = None
+    if balance:
+        counts = torch.bincount(target, minlength=5).float()
+        weight = torch.where(counts > 0, 1 / counts.clamp_min(1), 0.0)
+    expected = F.cross_entropy(strong[keep], target, weight=weight)
+    assert count.item() == int(keep.sum()) > 10
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_masked_cross_entropy_weak_view_gets_no_gradient() -> None:

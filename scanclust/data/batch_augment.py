@@ -21,6 +21,7 @@ elementwise passes instead of a sync and a gather per op. Random draws take an o
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -30,11 +31,14 @@ from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from scanclust.config import SimCLRAugConfig, StrongAugConfig
-from scanclust.data.transforms import FILL, OP_RANGES
+from scanclust.data.transforms import OP_RANGES, Warp, cutout_extent, op_ranges
 
 # The ops that move pixels: one affine warp per slot serves all of them (apply_strong_ops).
-# Each maps to its column of (angle, shear_x, shear_y, translate_x, translate_y).
+# Each maps to its column of (angle, shear_x, shear_y, translate_x, translate_y); columns 5 and
+# 6 hold the pivot (centre_x, centre_y) relative to the image centre, as F.affine's ``center``.
 _AFFINE_COLUMN = {"rotate": 0, "shear_x": 1, "shear_y": 2, "translate_x": 3, "translate_y": 4}
+_AFFINE_ARGS = 7
+STRONG_OP_IDS = {op: k for k, op in enumerate(OP_RANGES)}
 # The ops that blend with black, the grayscale mean or the grayscale image: one pass serves all.
 _BLEND_OPS = ("brightness", "contrast", "color")
 
@@ -50,10 +54,14 @@ def _to_uint8_grid(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 255.0).floor_()
 
 
-def _device_table(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A small constant copied without blocking: a plain torch.tensor(..., device=cuda) waits for
-    # the copy and so for the stream.
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+@functools.lru_cache(maxsize=64)
+def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant, copied to the device once and reused (callers never write to it).
+
+    Reuse matters twice on a GPU: a host-to-device copy per batch costs a launch, and a copy is
+    not allowed at all while a training step is being captured as a CUDA graph.
+    """
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def _uniform_int(high: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -164,32 +172,38 @@ def crop_resize(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor) -> Tensor
 
 
 def _inverse_affine(args: Tensor) -> Tensor:
-    """Per-sample version of torchvision's _get_inverse_affine_matrix about the image centre.
+    """Per-sample version of torchvision's _get_inverse_affine_matrix.
 
-    ``args`` [B, 5] holds (angle, shear_x, shear_y, translate_x, translate_y) in degrees and
-    pixels, in F.affine's convention; returns the output-to-input maps [B, 2, 3] in pixels
-    relative to the centre, in float64 like torchvision's Python arithmetic.
+    ``args`` [B, 7] holds (angle, shear_x, shear_y, translate_x, translate_y, centre_x,
+    centre_y) in degrees and pixels, in F.affine's convention, the pivot relative to the image
+    centre; returns the output-to-input maps [B, 2, 3] in pixels relative to the centre, in
+    float64 like torchvision's Python arithmetic.
     """
-    rot, sx, sy = torch.deg2rad(args[:, :3].double()).unbind(dim=1)
-    tx, ty = args[:, 3].double(), args[:, 4].double()
+    args = args.double()
+    rot, sx, sy = torch.deg2rad(args[:, :3]).unbind(dim=1)
+    tx, ty, cx, cy = args[:, 3:].unbind(dim=1)
     a = torch.cos(rot - sy) / torch.cos(sy)
     b = -(a * torch.tan(sx) + torch.sin(rot))
     c = torch.sin(rot - sy) / torch.cos(sy)
     d = torch.cos(rot) - c * torch.tan(sx)
     # The forward map [[a, b], [c, d]] has determinant 1, so its inverse is [[d, -b], [-c, a]].
     m0, m1, m3, m4 = d, -b, -c, a
-    return torch.stack([m0, m1, -m0 * tx - m1 * ty, m3, m4, -m3 * tx - m4 * ty],
+    ox, oy = -cx - tx, -cy - ty
+    return torch.stack([m0, m1, m0 * ox + m1 * oy + cx, m3, m4, m3 * ox + m4 * oy + cy],
                        dim=1).reshape(-1, 2, 3)
 
 
-def _affine_args(op: str, magnitude: Tensor, height: int, width: int) -> Tensor:
-    """The F.affine arguments [B, 5] with which transforms.apply_op carries out a geometric op."""
+def _affine_args(op: str, magnitude: Tensor, height: int, width: int, warp: Warp) -> Tensor:
+    """The F.affine arguments [B, 7] with which transforms.apply_op carries out a geometric op."""
     m = magnitude.double()
-    columns = [torch.zeros_like(m) for _ in range(5)]
+    columns = [torch.zeros_like(m) for _ in range(_AFFINE_ARGS)]
     if op == "rotate":
         value = -m  # F.rotate turns counter-clockwise, F.affine's angle clockwise.
     elif op in ("shear_x", "shear_y"):
         value = torch.rad2deg(torch.atan(m))
+        if warp.shear_pivot == "corner":  # F.affine's center=[0, 0], relative to the centre
+            columns[5] = torch.full_like(m, -0.5 * width)
+            columns[6] = torch.full_like(m, -0.5 * height)
     elif op == "translate_x":
         value = m * width
     else:
@@ -198,29 +212,38 @@ def _affine_args(op: str, magnitude: Tensor, height: int, width: int) -> Tensor:
     return torch.stack(columns, dim=1)
 
 
-def _warp(x: Tensor, theta: Tensor) -> Tensor:
-    """Bilinear warp by per-sample inverse maps ``theta`` [B, 2, 3], uncovered area set to FILL.
+@functools.lru_cache(maxsize=16)
+def _base_grid(height: int, width: int, device: torch.device) -> Tensor:
+    """[1, H*W, 3]: each output pixel's (x, y, 1), centred, as torchvision's _affine_grid."""
+    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width)
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height)
+    grid = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
+                        torch.ones(height, width)], dim=-1)
+    return grid.reshape(1, height * width, 3).to(device)
+
+
+def _warp(x: Tensor, theta: Tensor, warp: Warp) -> Tensor:
+    """Warp by per-sample inverse maps ``theta`` [B, 2, 3], uncovered area set to ``warp.fill``.
 
     Follows torchvision's _affine_grid and _apply_grid_transform step by step, including the
-    extra all-ones channel whose warped value blends the fill in at the border.
+    extra all-ones channel whose warped value blends the fill in at the border (bilinear) or
+    decides between fill and image (nearest).
     """
     batch, _, height, width = x.shape
     # Output pixel centres relative to the image centre, mapped to input pixels, then to
-    # grid_sample's -1..1 (align_corners=False: the image spans exactly -1..1).
-    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=x.device)
-    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=x.device)
-    xs, ys = xs.reshape(1, 1, width), ys.reshape(1, height, 1)
-    theta = theta.to(torch.float32)
-    tx = (theta[:, 0] / (0.5 * width)).reshape(batch, 3, 1, 1).unbind(dim=1)
-    ty = (theta[:, 1] / (0.5 * height)).reshape(batch, 3, 1, 1).unbind(dim=1)
-    gx = tx[0] * xs + tx[1] * ys + tx[2]
-    gy = ty[0] * xs + ty[1] * ys + ty[2]
-    grid = torch.stack([gx, gy], dim=-1)
+    # grid_sample's -1..1 (align_corners=False: the image spans exactly -1..1): one batched
+    # matrix product, as torchvision's _affine_grid computes it.
+    scale = _device_table((0.5 * width, 0.5 * height), torch.float32, x.device)
+    rescaled = theta.to(torch.float32).transpose(1, 2) / scale
+    grid = _base_grid(height, width, x.device).expand(batch, -1, -1).bmm(rescaled)
+    grid = grid.view(batch, height, width, 2)
     with_mask = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-    warped = nnf.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros",
+    warped = nnf.grid_sample(with_mask, grid, mode=warp.interpolation, padding_mode="zeros",
                              align_corners=False)
     image, mask = warped[:, :-1], warped[:, -1:]
-    fill = _device_table(FILL, torch.float32, x.device).reshape(1, -1, 1, 1)
+    fill = float(warp.fill)
+    if warp.interpolation == "nearest":
+        return torch.where(mask < 0.5, fill, image)
     return ((image - fill) * mask + fill).round_()
 
 
@@ -425,7 +448,7 @@ def posterize(x: Tensor, bits: Tensor) -> Tensor:
     return torch.floor(x / step) * step
 
 
-def apply_op_batch(x: Tensor, op: str, magnitude: Tensor) -> Tensor:
+def apply_op_batch(x: Tensor, op: str, magnitude: Tensor, warp: Warp = Warp()) -> Tensor:
     """Apply one strong op to a float 0..255 batch [B, 3, H, W], magnitude [B] per sample, with
     the semantics of transforms.apply_op (ops without a magnitude ignore it)."""
     if op == "identity":
@@ -448,99 +471,145 @@ def apply_op_batch(x: Tensor, op: str, magnitude: Tensor) -> Tensor:
         return posterize(x, magnitude)
     if op in _AFFINE_COLUMN:
         height, width = x.shape[-2:]
-        return _warp(x, _inverse_affine(_affine_args(op, magnitude, height, width)))
+        return _warp(x, _inverse_affine(_affine_args(op, magnitude, height, width, warp)), warp)
     raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
 
 
 def sample_strong_ops(batch: int, num_ops_available: int, num_ops: int,
                       generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-    """``num_ops`` distinct op indices per sample [B, num_ops], in random order: the first
-    entries of a uniformly random permutation, as RandomStrongOps takes them from randperm."""
+                      device: torch.device | str | None = None,
+                      replacement: bool = True) -> Tensor:
+    """Op indices per sample [B, num_ops], in the order they are applied: each drawn uniformly
+    and independently (``replacement``), or ``num_ops`` distinct ones, the first entries of a
+    uniformly random permutation as RandomStrongOps takes them from randperm."""
+    if replacement:
+        return torch.randint(num_ops_available, (batch, num_ops), generator=generator,
+                             device=device)
     noise = torch.rand(batch, num_ops_available, generator=generator, device=device)
     return noise.argsort(dim=1)[:, :num_ops]
 
 
 def sample_magnitudes(ops: Sequence[str], chosen: Tensor,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """A magnitude per chosen op [B, k], uniform in its OP_RANGES interval as sample_magnitude:
-    posterize draws an integer of 4..8, ops without an interval get 0."""
+                      generator: torch.Generator | None = None,
+                      ranges: dict[str, tuple[float, float] | None] = OP_RANGES) -> Tensor:
+    """A magnitude per chosen op [B, k], uniform in its interval of ``ranges`` as
+    sample_magnitude: posterize draws an integer, ops without an interval get 0. One gather of
+    each op's bounds instead of a pass per op."""
     u = torch.rand(chosen.shape, generator=generator, device=chosen.device)
-    magnitudes = torch.zeros_like(u)
-    for k, op in enumerate(ops):
-        bounds = OP_RANGES[op]
-        if bounds is None:
-            continue
-        lo, hi = bounds
-        if op == "posterize":
-            value = (lo + (hi - lo + 1) * u).floor_().clamp_(max=hi)
-        else:
-            value = lo + (hi - lo) * u
-        magnitudes = torch.where(chosen == k, value, magnitudes)
-    return magnitudes
+    bounds = [ranges[op] or (0.0, 0.0) for op in ops]
+    lo = _device_table(tuple(b[0] for b in bounds), torch.float32, chosen.device)[chosen]
+    hi = _device_table(tuple(b[1] for b in bounds), torch.float32, chosen.device)[chosen]
+    integer = _device_table(tuple(op == "posterize" for op in ops), torch.bool,
+                            chosen.device)[chosen]
+    stepped = torch.minimum((lo + (hi - lo + 1) * u).floor_(), hi)
+    return torch.where(integer, stepped, lo + (hi - lo) * u)
 
 
-def apply_strong_ops(x: Tensor, ops: Sequence[str], chosen: Tensor, magnitudes: Tensor) -> Tensor:
+def _slot_parameters(ops: Sequence[str], chosen: Tensor, magnitudes: Tensor, height: int,
+                     width: int, warp: Warp) -> dict[str, Tensor]:
+    """Every slot's per-sample parameters of every op kind at once, [B, slots] each (the warps'
+    maps [B, slots, 2, 3]): the sample's own magnitude where the slot's op is that kind, a
+    value that changes nothing elsewhere (factor 1, solarize threshold 256, 8 posterize bits).
+
+    Computed for all slots together, this is a few dozen small kernels where one pass per op
+    and slot took hundreds.
+    """
+    kind = _device_table(tuple(STRONG_OP_IDS[op] for op in ops), torch.long, chosen.device)[chosen]
+
+    def drawn(*names: str) -> Tensor:
+        hits = [kind == STRONG_OP_IDS[n] for n in names]
+        return functools.reduce(torch.logical_or, hits)
+
+    m = magnitudes
+    out: dict[str, Tensor] = {"factor": torch.where(drawn(*_BLEND_OPS), m, 1.0),
+                              "to_mean": drawn("contrast"), "to_gray": drawn("color"),
+                              "sharpness": torch.where(drawn("sharpness"), m, 1.0),
+                              "solarize": torch.where(drawn("solarize"), m, 256.0),
+                              "posterize": torch.where(drawn("posterize"), m, 8.0),
+                              "autocontrast": drawn("autocontrast"), "equalize": drawn("equalize"),
+                              "geometric": drawn(*_AFFINE_COLUMN)}
+    m64, zero = m.double(), torch.zeros_like(m, dtype=torch.float64)
+    degrees = torch.rad2deg(torch.atan(m64))
+    sheared = drawn("shear_x", "shear_y") & (warp.shear_pivot == "corner")
+    args = torch.stack([
+        torch.where(drawn("rotate"), -m64, zero),  # F.rotate turns the other way than F.affine
+        torch.where(drawn("shear_x"), degrees, zero),
+        torch.where(drawn("shear_y"), degrees, zero),
+        torch.where(drawn("translate_x"), m64 * width, zero),
+        torch.where(drawn("translate_y"), m64 * height, zero),
+        torch.where(sheared, -0.5 * width, zero),  # F.affine's center=[0, 0], relative to
+        torch.where(sheared, -0.5 * height, zero),  # the image centre
+    ], dim=-1)
+    out["theta"] = _inverse_affine(args.reshape(-1, _AFFINE_ARGS)).reshape(*m.shape, 2, 3)
+    return out
+
+
+def apply_strong_ops(x: Tensor, ops: Sequence[str], chosen: Tensor, magnitudes: Tensor,
+                     warp: Warp = Warp()) -> Tensor:
     """Apply, for slot r = 0, 1, ..., each sample's op ``ops[chosen[i, r]]`` at
     ``magnitudes[i, r]``; ``chosen`` and ``magnitudes`` are [B, num_ops].
 
-    A sample has one op per slot, so a slot runs every op kind of ``ops`` over the whole batch:
-    at the sample's magnitude where the op is its own, elsewhere at a magnitude that changes
-    nothing (a solarize threshold of 256, 8 posterize bits, a factor of 1), so that no selection
-    is needed. The geometric ops share one warp, by each sample's own map; autocontrast and
-    equalize, which take no magnitude, and the warp are kept with torch.where where drawn.
+    A sample has one op per slot, so a slot runs every op kind of ``ops`` over the whole batch
+    at the neutral values of ``_slot_parameters`` for the samples that did not draw it, so that
+    no selection is needed. The geometric ops share one warp, by each sample's own map;
+    autocontrast and equalize, which take no magnitude, and the warp are kept with torch.where
+    where drawn.
     """
-    batch, _, height, width = x.shape
-    for op_index, magnitude in zip(chosen.unbind(dim=1), magnitudes.unbind(dim=1)):
-        none = torch.zeros_like(op_index, dtype=torch.bool)
-        drawn: dict[str, Tensor] = {}
-        for k, op in enumerate(ops):
-            drawn[op] = drawn.get(op, none) | (op_index == k)
-        geometric = [op for op in drawn if op in _AFFINE_COLUMN]
-        if geometric:
-            args = torch.zeros(batch, 5, dtype=torch.float64, device=x.device)
-            for op in geometric:
-                args = torch.where(drawn[op][:, None],
-                                   _affine_args(op, magnitude, height, width), args)
-            is_geometric = torch.stack([drawn[op] for op in geometric]).any(dim=0)
-            x = torch.where(_per_sample(is_geometric), _warp(x, _inverse_affine(args)), x)
-        blends = [drawn[op] for op in _BLEND_OPS if op in drawn]
-        if blends:
-            factor = torch.where(torch.stack(blends).any(dim=0), magnitude, 1.0)
-            x = _blend_towards(x, factor, drawn.get("contrast", none), drawn.get("color", none))
-        for op, neutral in (("sharpness", 1.0), ("solarize", 256.0), ("posterize", 8.0)):
-            if op in drawn:
-                x = apply_op_batch(x, op, torch.where(drawn[op], magnitude, neutral))
-        for op in ("autocontrast", "equalize"):
-            if op in drawn:
-                x = torch.where(_per_sample(drawn[op]), apply_op_batch(x, op, magnitude), x)
+    height, width = x.shape[-2:]
+    present = set(ops)
+    p = _slot_parameters(ops, chosen, magnitudes, height, width, warp)
+    for r in range(chosen.shape[1]):
+        if present & set(_AFFINE_COLUMN):
+            x = torch.where(_per_sample(p["geometric"][:, r]), _warp(x, p["theta"][:, r], warp), x)
+        if present & set(_BLEND_OPS):
+            x = _blend_towards(x, p["factor"][:, r], p["to_mean"][:, r], p["to_gray"][:, r])
+        if "sharpness" in present:
+            x = adjust_sharpness(x, p["sharpness"][:, r])
+        if "solarize" in present:
+            x = solarize(x, p["solarize"][:, r])
+        if "posterize" in present:
+            x = posterize(x, p["posterize"][:, r])
+        if "autocontrast" in present:
+            x = torch.where(_per_sample(p["autocontrast"][:, r]), autocontrast(x), x)
+        if "equalize" in present:
+            x = torch.where(_per_sample(p["equalize"][:, r]), equalize(x), x)
     return x
 
 
 def random_strong_ops(x: Tensor, ops: Sequence[str], num_ops: int,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """RandomStrongOps for a batch: each sample applies its own ``num_ops`` distinct ops of
-    ``ops``, in its own order, each at its own uniform magnitude."""
+                      generator: torch.Generator | None = None, replacement: bool = True,
+                      posterize_bits: Sequence[int] | None = None,
+                      warp: Warp = Warp()) -> Tensor:
+    """RandomStrongOps for a batch: each sample applies its own ``num_ops`` ops of ``ops``
+    (independent draws, or distinct ones without ``replacement``), in its own order, each at
+    its own uniform magnitude."""
     for op in ops:
         if op not in OP_RANGES:
             raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
-    if not 0 <= num_ops <= len(ops):
+    if num_ops < 0 or (not replacement and num_ops > len(ops)):
         raise ValueError(f"num_ops={num_ops} must be between 0 and the {len(ops)} ops given")
-    chosen = sample_strong_ops(x.shape[0], len(ops), num_ops, generator, x.device)
-    return apply_strong_ops(x, ops, chosen, sample_magnitudes(ops, chosen, generator))
+    chosen = sample_strong_ops(x.shape[0], len(ops), num_ops, generator, x.device, replacement)
+    magnitudes = sample_magnitudes(ops, chosen, generator, op_ranges(posterize_bits))
+    return apply_strong_ops(x, ops, chosen, magnitudes, warp)
 
 
-def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
-    """transforms.Cutout per sample: zero a ``size`` x ``size`` square (clipped at the border)
-    whose centre is a uniformly drawn pixel; top = cy - size // 2 as there."""
+def cutout(x: Tensor, size: int, generator: torch.Generator | None = None,
+           side: str = "uniform") -> Tensor:
+    """transforms.Cutout per sample: zero a square hole (clipped at the border) centred at a
+    uniformly drawn pixel, its side ``size`` (``fixed``) or drawn from 1..size per sample
+    (``uniform``), rows and columns as transforms.cutout_extent."""
     if size == 0:
         return x
     batch, _, height, width = x.shape
+    if side == "fixed":
+        sides = torch.full((batch, 1), size, dtype=torch.long, device=x.device)
+    else:
+        sides = torch.randint(1, size + 1, (batch, 1), generator=generator, device=x.device)
     cy = torch.randint(height, (batch, 1), generator=generator, device=x.device)
     cx = torch.randint(width, (batch, 1), generator=generator, device=x.device)
-    rows = torch.arange(height, device=x.device) - (cy - size // 2)  # [B, H], 0 at the top edge
-    cols = torch.arange(width, device=x.device) - (cx - size // 2)
-    in_rows, in_cols = (rows >= 0) & (rows < size), (cols >= 0) & (cols < size)
+    (top, bottom), (left, right) = cutout_extent(cy, sides, side), cutout_extent(cx, sides, side)
+    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
     hole = in_rows[:, None, :, None] & in_cols[:, None, None, :]
     return x.masked_fill(hole, 0.0)
 
@@ -552,8 +621,8 @@ def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Te
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """0..255 -> (x / 255 - mean) / std, with mean and std on the 0..1 scale; the same float
     steps as ToDtype(scale=True) + Normalize."""
-    mean_t = _device_table(list(mean), torch.float32, x.device).reshape(1, -1, 1, 1)
-    std_t = _device_table(list(std), torch.float32, x.device).reshape(1, -1, 1, 1)
+    mean_t = _device_table(tuple(mean), torch.float32, x.device).reshape(1, -1, 1, 1)
+    std_t = _device_table(tuple(std), torch.float32, x.device).reshape(1, -1, 1, 1)
     return (x.to(torch.float32) * (1.0 / 255.0) - mean_t) / std_t
 
 
@@ -599,8 +668,9 @@ def strong_batch(x: Tensor, aug: StrongAugConfig, out_size: int, mean: Sequence[
         boxes = _fixed_boxes(batch, *_center_offsets(height, width, out_size), out_size, x.device)
     flip = _coin(batch, 0.5 if aug.hflip else 0.0, generator, x.device)
     img = crop_resize(x.float(), boxes, out_size, flip)
-    img = random_strong_ops(img, aug.ops, aug.num_ops, generator)
-    return cutout(normalize(img, mean, std), aug.cutout, generator)
+    img = random_strong_ops(img, aug.ops, aug.num_ops, generator, aug.op_draw == "replacement",
+                            aug.posterize_bits, Warp.of(aug))
+    return cutout(normalize(img, mean, std), aug.cutout, generator, aug.cutout_side)
 
 
 def eval_batch(x: Tensor, out_size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -1,9 +1,9 @@
 """The worker data path: per-sample transforms in DataLoader workers, batches as dicts.
 
-Every stage consumes an iterable of dicts of tensors (``view1``/``view2`` for the pretext,
-``anchor``/``neighbor`` for SCAN, ``weak``/``strong`` for self-label, ``image`` for features,
-plus ``index`` and ``label``). Any other data path (images held on the GPU, say) only has to
-yield the same dicts for the training loops to run unchanged.
+A batch is a dict of tensors: the named views (``view1``/``view2`` for the pretext,
+``anchor``/``neighbor`` for SCAN, ``weak``/``strong`` for self-label, ``image`` for features),
+plus ``index`` and ``label`` (and ``neighbor_index`` for pairs); the device path's views have
+the same names and meaning (``paths.py``).
 """
 
 from __future__ import annotations
@@ -19,49 +19,40 @@ from scanclust.data.datasets import ImageDataset
 
 
 class ViewsDataset(Dataset):
-    """Several named transforms of the same image, e.g. two SimCLR views or weak + strong."""
+    """Several named transforms of the same image, e.g. two SimCLR views or weak + strong.
 
-    def __init__(self, base: ImageDataset, views: dict[str, Callable]) -> None:
+    With ``neighbors`` [N, K] the view named ``partner`` shows one of the sample's K mined
+    neighbours, drawn uniformly afresh at every access (the sample itself under another
+    augmentation when K = 0, the paper's K = 0 ablation); the others show the sample.
+    """
+
+    def __init__(self, base: ImageDataset, views: dict[str, Callable],
+                 neighbors: np.ndarray | None = None, partner: str = "neighbor") -> None:
+        if neighbors is not None and len(neighbors) != len(base):
+            raise ValueError(f"{len(neighbors)} neighbour rows for {len(base)} images")
         self.base = base
         self.views = views
+        self.neighbors = neighbors
+        self.partner = partner
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         image = self.base.load(index)
-        item: dict[str, torch.Tensor | int] = {name: t(image) for name, t in self.views.items()}
-        item["index"] = index
-        item["label"] = int(self.base.targets[index])
+        item: dict[str, torch.Tensor | int] = {"index": index,
+                                               "label": int(self.base.targets[index])}
+        other = None
+        if self.neighbors is not None:
+            k = self.neighbors.shape[1]
+            other = index if k == 0 else int(self.neighbors[index, torch.randint(k, ()).item()])
+            item["neighbor_index"] = other
+        for name, transform in self.views.items():
+            if name == self.partner and other is not None:
+                item[name] = transform(image if other == index else self.base.load(other))
+            else:
+                item[name] = transform(image)
         return item
-
-
-class NeighborsDataset(Dataset):
-    """An anchor and one of its mined neighbours, drawn uniformly afresh at every access.
-
-    ``neighbors`` has shape [N, K]; with K = 0 columns the "neighbour" is the anchor itself
-    under another random augmentation (the paper's K = 0 ablation).
-    """
-
-    def __init__(self, base: ImageDataset, neighbors: np.ndarray,
-                 anchor_transform: Callable, neighbor_transform: Callable) -> None:
-        if len(neighbors) != len(base):
-            raise ValueError(f"{len(neighbors)} neighbour rows for {len(base)} images")
-        self.base = base
-        self.neighbors = neighbors
-        self.anchor_transform = anchor_transform
-        self.neighbor_transform = neighbor_transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        k = self.neighbors.shape[1]
-        other = index if k == 0 else int(self.neighbors[index, torch.randint(k, ()).item()])
-        return {"anchor": self.anchor_transform(self.base.load(index)),
-                "neighbor": self.neighbor_transform(self.base.load(other)),
-                "index": index, "neighbor_index": other,
-                "label": int(self.base.targets[index])}
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,

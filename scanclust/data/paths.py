@@ -1,19 +1,35 @@
 """Data paths: how a stage gets its batches of augmented views.
 
-Two interchangeable paths yield the same batch dicts (view tensors, ``index``, ``label``):
+A stage asks a data path for two things, once per stage and once per epoch:
 
-- ``WorkerPath``: per-sample torchvision transforms in DataLoader workers. Works for any data
-  set, including ImageNet-size folders that do not fit in memory.
-- ``DevicePath``: the whole data set held on the device as one uint8 tensor and augmented a
-  batch at a time (``batch_augment``), every sample with its own parameters. No decoding, no
-  worker processes, no host-to-device copies: on a GPU the data path stops being the bottleneck.
+- ``augment(dataset, views, neighbors)``: a callable that turns one batch, as the path yields
+  it, into named views on the device (``{"view1": "simclr", "view2": "simclr"}`` for the
+  pretext; ``{"anchor": kind, "neighbor": kind}`` with the mined ``neighbors`` for SCAN, where
+  the ``neighbor`` view shows a partner drawn per sample; ``{"weak": "eval", "strong": kind}``
+  for self-label). It depends on nothing that changes between epochs, so a training step that
+  calls it can be captured once as a CUDA graph and replayed (``scanclust.step``).
+- ``batches(augment, batch_size, shuffle=, seed=, train=)``: an epoch's batches for it.
 
-``data_path_for`` picks one from ``perf.data_path`` (``auto`` takes the device path when the
+Two interchangeable paths implement this:
+
+- ``WorkerPath``: per-sample torchvision transforms in DataLoader workers; batches carry the
+  finished views and ``augment`` only moves them to the device. Works for any data set,
+  including ImageNet-size folders that do not fit in memory.
+- ``DevicePath``: the whole data set held on the device as one uint8 tensor. Batches are index
+  tensors; ``augment`` gathers the images and augments them a batch at a time
+  (``batch_augment``), every sample with its own parameters, with one call per view kind (the
+  two SimCLR views, or a SCAN anchor and its partner, are one call on twice the batch). No
+  decoding, no worker processes, no host-to-device copies, no host synchronisation.
+
+Training steps draw their random numbers from the device's default generator, which the stages
+reseed every epoch; ``views`` (inference, cached features, tests) seeds a generator of its own.
+``data_path_for`` picks a path from ``perf.data_path`` (``auto`` takes the device path when the
 data set fits under ``perf.device_data_gb``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Iterator
 
 import numpy as np
@@ -22,10 +38,11 @@ import torch
 from scanclust.config import Config
 from scanclust.data import batch_augment as B
 from scanclust.data.datasets import ImageDataset
-from scanclust.data.loaders import NeighborsDataset, ViewsDataset, make_loader, num_batches
+from scanclust.data.loaders import ViewsDataset, make_loader, num_batches
 from scanclust.data.transforms import view_transform
 
 Batch = dict[str, torch.Tensor]
+PARTNER = "neighbor"  # the view that shows the drawn partner when neighbours are given
 
 
 class Batches:
@@ -42,41 +59,138 @@ class Batches:
         return self._length
 
 
-class WorkerPath:
+def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
+    """Move a batch to the device; image tensors become NHWC when ``channels_last``."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def draw_partners(index: torch.Tensor, table: torch.Tensor,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """One partner per sample, uniform over its row of ``table`` [N, K]; K = 0 pairs each
+    sample with itself (the paper's K = 0 ablation: the partner is another augmentation)."""
+    if table.shape[1] == 0:
+        return index
+    pick = torch.randint(table.shape[1], (len(index), 1), device=index.device,
+                         generator=generator)
+    return table[index].gather(1, pick).squeeze(1)
+
+
+class Augment:
+    """Turns a batch as its data path yields it into named views on the device."""
+
+    #: Whether everything ``__call__`` does runs on the device, so that a CUDA graph can hold it.
+    on_device = True
+
+    def __call__(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+
+class WorkerAugment(Augment):
+    """The worker path's views are made in the workers; here they only reach the device."""
+
+    def __init__(self, dataset: ImageDataset, views: dict[str, str],
+                 neighbors: np.ndarray | None, device: torch.device, channels_last: bool) -> None:
+        self.dataset, self.views, self.neighbors = dataset, views, neighbors
+        self.device, self.channels_last = device, channels_last
+
+    def __call__(self, batch: Batch) -> Batch:
+        return to_device(batch, self.device, self.channels_last)
+
+
+class DeviceAugment(Augment):
+    """Gather a batch's images from the device copy of the data set and augment them there."""
+
+    def __init__(self, path: DevicePath, images: torch.Tensor, targets: torch.Tensor,
+                 views: dict[str, str], neighbors: np.ndarray | None,
+                 generator: torch.Generator | None) -> None:
+        self.path, self.images, self.targets = path, images, targets
+        self.generator = generator
+        self.table = (None if neighbors is None else
+                      torch.from_numpy(np.ascontiguousarray(neighbors)).to(images.device))
+        # One augmentation call per view kind: views of one kind share a call on the
+        # concatenated inputs (a third of the kernels of separate calls for a SCAN pair).
+        self.groups: dict[str, list[str]] = defaultdict(list)
+        for name, kind in views.items():
+            self.groups[kind].append(name)
+
+    def __call__(self, batch: Batch) -> Batch:
+        index = batch["index"]
+        sources = {"": index}
+        out = {"index": index, "label": self.targets[index]}
+        if self.table is not None:
+            sources[PARTNER] = out["neighbor_index"] = draw_partners(index, self.table,
+                                                                     self.generator)
+        for kind, names in self.groups.items():
+            rows = [sources.get(name, index) for name in names]
+            x = self.images[rows[0] if len(rows) == 1 else torch.cat(rows)]
+            views = self.path.make(kind, x, self.generator)
+            for name, view in zip(names, views.chunk(len(names))):
+                out[name] = self.path.layout(view)
+        return out
+
+
+class DataPath:
+    """What both paths share: materialised views for inference and feature caching."""
+
+    name = "base"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+
+    def augment(self, dataset: ImageDataset, views: dict[str, str],
+                neighbors: np.ndarray | None = None,
+                generator: torch.Generator | None = None) -> Augment:
+        raise NotImplementedError
+
+    def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
+                train: bool) -> Batches:
+        raise NotImplementedError
+
+    def views(self, dataset: ImageDataset, views: dict[str, str], batch_size: int, *,
+              shuffle: bool, seed: int, train: bool) -> Batches:
+        """Finished batches of ``views``; the draws follow ``seed`` alone."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        augment = self.augment(dataset, views, generator=generator)
+        batches = self.batches(augment, batch_size, shuffle=shuffle, seed=seed, train=train)
+        return Batches((augment(b) for b in batches), len(batches))
+
+
+class WorkerPath(DataPath):
     """Per-sample transforms of PIL images in DataLoader workers."""
 
     name = "workers"
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.cfg = cfg
-        self.pin_memory = device.type == "cuda"
+    def augment(self, dataset: ImageDataset, views: dict[str, str],
+                neighbors: np.ndarray | None = None,
+                generator: torch.Generator | None = None) -> WorkerAugment:
+        return WorkerAugment(dataset, views, neighbors, self.device, self.cfg.perf.channels_last)
 
-    def views(self, dataset: ImageDataset, views: dict[str, str], batch_size: int, *,
-              shuffle: bool, seed: int, train: bool) -> Batches:
-        transforms = {name: view_transform(self.cfg, kind) for name, kind in views.items()}
-        ds = ViewsDataset(dataset, transforms)
+    def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
+                train: bool) -> Batches:
+        assert isinstance(augment, WorkerAugment)
+        transforms = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
+        ds = ViewsDataset(augment.dataset, transforms, augment.neighbors, partner=PARTNER)
         loader = make_loader(ds, batch_size, shuffle=shuffle, seed=seed,
-                             num_workers=self.cfg.data.num_workers, pin_memory=self.pin_memory,
-                             train=train)
-        return Batches(iter(loader), len(loader))
-
-    def pairs(self, dataset: ImageDataset, neighbors: np.ndarray, kind: str, batch_size: int, *,
-              seed: int) -> Batches:
-        t = view_transform(self.cfg, kind)
-        loader = make_loader(NeighborsDataset(dataset, neighbors, t, t), batch_size, shuffle=True,
-                             seed=seed, num_workers=self.cfg.data.num_workers,
-                             pin_memory=self.pin_memory, train=True)
+                             num_workers=self.cfg.data.num_workers,
+                             pin_memory=self.device.type == "cuda", train=train)
         return Batches(iter(loader), len(loader))
 
 
-class DevicePath:
+class DevicePath(DataPath):
     """The data set as one uint8 tensor on the device, augmented a whole batch at a time."""
 
     name = "device"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.cfg = cfg
-        self.device = device
+        super().__init__(cfg, device)
         self._held: list[tuple[ImageDataset, torch.Tensor, torch.Tensor]] = []
 
     def _tensors(self, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +204,8 @@ class DevicePath:
         self._held.append((dataset, images, targets))
         return images, targets
 
-    def _augment(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def make(self, kind: str, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One view kind of a uint8 batch, as float32 NCHW."""
         d, a = self.cfg.data, self.cfg.augment
         if kind == "simclr":
             return B.simclr_batch(x, a.simclr, d.image_size, d.mean, d.std, generator=generator)
@@ -101,50 +216,33 @@ class DevicePath:
             return B.eval_batch(x, d.image_size, d.mean, d.std)
         raise ValueError(f"unknown view kind {kind!r}")
 
-    def _order(self, n: int, shuffle: bool, seed: int) -> torch.Tensor:
-        if not shuffle:
-            return torch.arange(n, device=self.device)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.device)
+    def layout(self, view: torch.Tensor) -> torch.Tensor:
+        if self.cfg.perf.channels_last:
+            return view.contiguous(memory_format=torch.channels_last)
+        return view
 
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    def views(self, dataset: ImageDataset, views: dict[str, str], batch_size: int, *,
-              shuffle: bool, seed: int, train: bool) -> Batches:
+    def augment(self, dataset: ImageDataset, views: dict[str, str],
+                neighbors: np.ndarray | None = None,
+                generator: torch.Generator | None = None) -> DeviceAugment:
         images, targets = self._tensors(dataset)
-        batch_size, count = num_batches(len(dataset), batch_size, train)
-        order, generator = self._order(len(dataset), shuffle, seed), self._generator(seed)
+        return DeviceAugment(self, images, targets, views, neighbors, generator)
 
-        def iterate() -> Iterator[Batch]:
-            for b in range(count):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                x = images[idx]
-                batch = {name: self._augment(kind, x, generator) for name, kind in views.items()}
-                yield {**batch, "index": idx, "label": targets[idx]}
+    def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
+                train: bool) -> Batches:
+        assert isinstance(augment, DeviceAugment)
+        n = len(augment.images)
+        batch_size, count = num_batches(n, batch_size, train)
+        order = index_order(n, shuffle, seed, self.device)
+        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
+                        for b in range(count)), count)
 
-        return Batches(iterate(), count)
 
-    def pairs(self, dataset: ImageDataset, neighbors: np.ndarray, kind: str, batch_size: int, *,
-              seed: int) -> Batches:
-        images, targets = self._tensors(dataset)
-        table = torch.from_numpy(np.ascontiguousarray(neighbors)).to(self.device)
-        batch_size, count = num_batches(len(dataset), batch_size, True)
-        order, generator = self._order(len(dataset), True, seed), self._generator(seed)
-
-        def iterate() -> Iterator[Batch]:
-            for b in range(count):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                if table.shape[1] == 0:  # K = 0: the anchor's own second augmentation
-                    other = idx
-                else:
-                    pick = torch.randint(table.shape[1], (len(idx), 1), device=self.device,
-                                         generator=generator)
-                    other = table[idx].gather(1, pick).squeeze(1)
-                yield {"anchor": self._augment(kind, images[idx], generator),
-                       "neighbor": self._augment(kind, images[other], generator),
-                       "index": idx, "neighbor_index": other, "label": targets[idx]}
-
-        return Batches(iterate(), count)
+def index_order(n: int, shuffle: bool, seed: int, device: torch.device) -> torch.Tensor:
+    """An epoch's sample order: a permutation drawn on the host from ``seed`` (the same on every
+    device), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def fits_on_device(cfg: Config, dataset: ImageDataset) -> bool:
@@ -154,8 +252,7 @@ def fits_on_device(cfg: Config, dataset: ImageDataset) -> bool:
     return len(dataset) * 3 * size * size <= cfg.perf.device_data_gb * 1e9
 
 
-def data_path_for(cfg: Config, device: torch.device,
-                  dataset: ImageDataset) -> WorkerPath | DevicePath:
+def data_path_for(cfg: Config, device: torch.device, dataset: ImageDataset) -> DataPath:
     choice = cfg.perf.data_path
     if choice == "auto":
         choice = "device" if fits_on_device(cfg, dataset) else "workers"

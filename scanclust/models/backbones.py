@@ -1,4 +1,4 @@
-"""Backbones: ResNet-18 in its CIFAR and STL/ImageNet forms, ResNet-50, and a tiny ResNet.
+"""Backbones: ResNet-18 in its CIFAR, STL and ImageNet forms, ResNet-50, and a tiny ResNet.
 
 All return pooled features ``[B, out_dim]``; the classifier layer of torchvision's ResNet is
 replaced by an identity so the same module serves the pretext, clustering and self-label models.
@@ -21,7 +21,16 @@ def build_backbone(name: str, width: int = 32) -> nn.Module:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
         return _strip_classifier(net, 512)
-    if name in ("resnet18_stl", "resnet18"):
+    if name == "resnet18_stl":
+        # 96x96 inputs, as the authors' released STL-10 model (SPEC section 2): a 3x3 stride-1
+        # stem, then a 2x2 max-pool of stride 2 with padding 1 (96 -> 49 px), so the four
+        # stages run at 49, 25, 13 and 7 px and the average pool sees a 7x7 map. torchvision's
+        # 7x7/2 stem with its 3x3 pool ("resnet18") would leave a 3x3 map.
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.MaxPool2d(kernel_size=2, stride=2, padding=1)
+        return _strip_classifier(net, 512)
+    if name == "resnet18":
         return _strip_classifier(resnet18(weights=None), 512)
     if name == "resnet50":
         return _strip_classifier(resnet50(weights=None), 2048)

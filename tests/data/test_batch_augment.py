@@ -22,6 +22,8 @@ from scanclust.config import STRONG_OPS, SimCLRAugConfig, StrongAugConfig
 from scanclust.data import batch_augment as ba
 from scanclust.data.transforms import (
     OP_RANGES,
+    Cutout,
+    Warp,
     apply_op,
     eval_transform,
     simclr_transform,
@@ -69,12 +71,13 @@ def low_mid_high(op: str) -> list[float]:
 # --- single ops --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("warp", [Warp(), Warp.centred()], ids=["released", "centred"])
 @pytest.mark.parametrize("op", STRONG_OPS)
-def test_op_matches_apply_op_per_sample(op: str) -> None:
+def test_op_matches_apply_op_per_sample(op: str, warp: Warp) -> None:
     x = random_uint8(6)
     magnitudes = low_mid_high(op) + low_mid_high(op)[::-1]  # each sample its own magnitude
-    out = ba.apply_op_batch(x.float(), op, torch.tensor(magnitudes))
-    ref = torch.stack([apply_op(img, op, m) for img, m in zip(x, magnitudes)])
+    out = ba.apply_op_batch(x.float(), op, torch.tensor(magnitudes), warp)
+    ref = torch.stack([apply_op(img, op, m, warp) for img, m in zip(x, magnitudes)])
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert_close_levels(out, ref, exact=op in INTEGER_OPS)
 
@@ -89,13 +92,14 @@ def test_op_matches_apply_op_at_random_magnitudes(op: str) -> None:
     assert_close_levels(out, ref, exact=op in INTEGER_OPS)
 
 
-def test_integer_translation_shifts_exactly() -> None:
+@pytest.mark.parametrize(("warp", "fill"), [(Warp(), 0), (Warp.centred(), 128)])
+def test_integer_translation_shifts_exactly(warp: Warp, fill: int) -> None:
     x = random_uint8(2)
-    out = ba.apply_op_batch(x.float(), "translate_x", torch.tensor([0.1, -0.1]))  # 2 of 20 px
+    out = ba.apply_op_batch(x.float(), "translate_x", torch.tensor([0.1, -0.1]), warp)  # 2 px
     assert torch.equal(out[0, :, :, 2:], x[0, :, :, :-2].float())
     assert torch.equal(out[1, :, :, :-2], x[1, :, :, 2:].float())
-    assert (out[0, :, :, :2] == 128).all() and (out[1, :, :, -2:] == 128).all()
-    out = ba.apply_op_batch(x.float(), "translate_y", torch.tensor([0.1, 0.0]))
+    assert (out[0, :, :, :2] == fill).all() and (out[1, :, :, -2:] == fill).all()
+    out = ba.apply_op_batch(x.float(), "translate_y", torch.tensor([0.1, 0.0]), warp)
     assert torch.equal(out[0, :, 2:], x[0, :, :-2].float())
     assert torch.equal(out[1], x[1].float())
 
@@ -115,7 +119,7 @@ def test_unknown_op_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown strong op"):
         ba.random_strong_ops(torch.zeros(1, 3, 4, 4), ["blur"], 1)
     with pytest.raises(ValueError, match="num_ops"):
-        ba.random_strong_ops(torch.zeros(1, 3, 4, 4), ["identity"], 2)
+        ba.random_strong_ops(torch.zeros(1, 3, 4, 4), ["identity"], 2, replacement=False)
 
 
 @pytest.mark.parametrize(("kernel", "reference", "low", "high"), [
@@ -256,9 +260,20 @@ def test_resized_crop_falls_back_to_the_central_crop_as_torchvision() -> None:
 # --- strong ops -------------------------------------------------------------------------------
 
 
+def test_strong_op_choice_with_replacement_is_independent_and_uniform() -> None:
+    n = 20000
+    chosen = ba.sample_strong_ops(n, 14, 4, torch.Generator().manual_seed(10))
+    assert chosen.shape == (n, 4) and chosen.dtype == torch.long
+    for slot in chosen.unbind(dim=1):
+        assert (torch.bincount(slot, minlength=14) / n - 1 / 14).abs().max() < 0.01
+    distinct = (chosen.sort(dim=1).values.diff(dim=1) > 0).all(dim=1).float().mean()
+    assert abs(distinct - 14 * 13 * 12 * 11 / 14 ** 4) < 0.02  # 0.625, sd 0.003
+
+
 def test_strong_op_choice_is_distinct_and_uniform() -> None:
     n = 20000
-    chosen = ba.sample_strong_ops(n, 14, 4, torch.Generator().manual_seed(11))
+    chosen = ba.sample_strong_ops(n, 14, 4, torch.Generator().manual_seed(11),
+                                  replacement=False)
     assert chosen.shape == (n, 4) and chosen.dtype == torch.long
     ordered = chosen.sort(dim=1).values
     assert (ordered[:, 1:] > ordered[:, :-1]).all()
@@ -271,7 +286,7 @@ def test_strong_op_choice_is_distinct_and_uniform() -> None:
 def test_magnitudes_cover_each_interval() -> None:
     n, ops = 50000, list(OP_RANGES)
     g = torch.Generator().manual_seed(12)
-    chosen = ba.sample_strong_ops(n, len(ops), 4, g)
+    chosen = ba.sample_strong_ops(n, len(ops), 4, g, replacement=False)
     magnitudes = ba.sample_magnitudes(ops, chosen, g)
     for k, op in enumerate(ops):
         m = magnitudes[chosen == k]
@@ -319,7 +334,7 @@ def test_strong_ops_accept_a_subset_and_repeats() -> None:
 def test_cutout_holes_are_clipped_squares_of_zeros() -> None:
     n, size = 4000, 16
     x = torch.ones(n, 3, 32, 32)
-    out = ba.cutout(x, size, torch.Generator().manual_seed(15))
+    out = ba.cutout(x, size, torch.Generator().manual_seed(15), side="fixed")
     hole = out == 0
     assert torch.equal(hole[:, 0], hole[:, 1]) and torch.equal(hole[:, 0], hole[:, 2])
     assert ((out == 0) | (out == 1)).all()
@@ -337,12 +352,27 @@ def test_cutout_holes_are_clipped_squares_of_zeros() -> None:
 
 def test_cutout_centres_are_uniform_and_zero_is_off() -> None:
     n = 32000
-    out = ba.cutout(torch.ones(n, 3, 8, 8), 1, torch.Generator().manual_seed(16))
+    out = ba.cutout(torch.ones(n, 3, 8, 8), 1, torch.Generator().manual_seed(16), side="fixed")
     counts = (out[:, 0] == 0).sum(dim=0)
     assert counts.sum() == n
     assert counts.min() > 500 * 0.8 and counts.max() < 500 * 1.2  # 500 expected, sd 22
     x = torch.randn(4, 3, 8, 8)
     assert ba.cutout(x, 0) is x
+
+
+def test_uniform_cutout_matches_the_per_sample_cutout() -> None:
+    # The authors' rule: side uniform in 1..16, about 6.9 % of a 32x32 image erased (the
+    # by-hand computation is in test_transforms); both paths draw the same holes in law.
+    n = 8000
+    out = ba.cutout(torch.ones(n, 3, 32, 32), 16, torch.Generator().manual_seed(24))
+    erased = (out[:, 0] == 0).float().mean(dim=(1, 2))
+    torch.manual_seed(24)
+    ref = torch.stack([(Cutout(16)(torch.ones(3, 32, 32))[0] == 0).float().mean()
+                       for _ in range(n)])
+    assert erased.mean().item() == pytest.approx(0.0689, abs=0.003)
+    assert erased.mean().item() == pytest.approx(ref.mean().item(), abs=0.004)
+    sides = (out[:, 0] == 0).any(dim=2).sum(dim=1)  # rows covered, clipped
+    assert sides.max() == 16 and (sides == 0).float().mean() > 0.05  # s = 1 erases nothing
 
 
 # --- whole views ------------------------------------------------------------------------------

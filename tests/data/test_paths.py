@@ -69,23 +69,58 @@ def test_device_path_is_reproducible_per_seed() -> None:
     assert not torch.equal(first(1), first(2))
 
 
+def pairs(path, ds, neighbors: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """An epoch of SCAN pairs as the stage makes them: augment(views, neighbors) + batches."""
+    augment = path.augment(ds, {"anchor": "strong", "neighbor": "strong"}, neighbors)
+    return [augment(b) for b in path.batches(augment, batch_size, shuffle=True, seed=0,
+                                             train=True)]
+
+
 @pytest.mark.parametrize("path_cls", [WorkerPath, DevicePath])
 def test_pairs_draw_a_mined_neighbour(path_cls) -> None:
     ds, cfg = tiny_dataset(), config()
     neighbors = np.stack([(np.arange(40) + k) % 40 for k in (1, 2, 3)], axis=1)
-    for item in path_cls(cfg, CPU).pairs(ds, neighbors, "strong", 10, seed=0):
-        offsets = (item["neighbor_index"] - item["index"]) % 40
-        assert set(offsets.tolist()) <= {1, 2, 3}
+    torch.manual_seed(0)
+    offsets = []
+    for item in pairs(path_cls(cfg, CPU), ds, neighbors, 10):
+        offsets += ((item["neighbor_index"] - item["index"]) % 40).tolist()
         assert item["anchor"].shape == item["neighbor"].shape == (10, 3, 12, 12)
+    assert set(offsets) == {1, 2, 3}
 
 
 @pytest.mark.parametrize("path_cls", [WorkerPath, DevicePath])
 def test_pairs_with_k_zero_pair_the_anchor_with_itself(path_cls) -> None:
     ds, cfg = tiny_dataset(), config()
-    item = next(iter(path_cls(cfg, CPU).pairs(ds, np.zeros((40, 0), np.int64), "strong", 8,
-                                              seed=0)))
+    item = pairs(path_cls(cfg, CPU), ds, np.zeros((40, 0), np.int64), 8)[0]
     assert torch.equal(item["neighbor_index"], item["index"])
     assert not torch.equal(item["anchor"], item["neighbor"])  # two different augmentations
+
+
+def test_device_pairs_show_the_partner_image() -> None:
+    # Eval views are deterministic, so each neighbour view must equal its partner's own view.
+    ds, cfg = tiny_dataset(), config()
+    path = DevicePath(cfg, CPU)
+    neighbors = np.stack([(np.arange(40) + 5) % 40], axis=1)
+    augment = path.augment(ds, {"anchor": "eval", "neighbor": "eval"}, neighbors)
+    item = augment({"index": torch.arange(8)})
+    every = path.augment(ds, {"x": "eval"})({"index": torch.arange(40)})["x"]
+    assert torch.equal(item["neighbor_index"], torch.arange(8) + 5)
+    assert torch.equal(item["neighbor"], every[5:13]) and torch.equal(item["anchor"], every[:8])
+
+
+def test_device_augment_runs_one_call_per_view_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A SCAN pair (or the two SimCLR views) is one augmentation call on twice the batch.
+    ds, cfg = tiny_dataset(), config()
+    path = DevicePath(cfg, CPU)
+    calls: list[tuple[str, int]] = []
+    make = path.make
+    monkeypatch.setattr(path, "make", lambda kind, x, g: calls.append((kind, len(x))) or
+                        make(kind, x, g))
+    path.augment(ds, {"view1": "simclr", "view2": "simclr"})({"index": torch.arange(6)})
+    assert calls == [("simclr", 12)]
+    calls.clear()
+    path.augment(ds, {"weak": "eval", "strong": "strong"})({"index": torch.arange(6)})
+    assert sorted(calls) == [("eval", 6), ("strong", 6)]
 
 
 def test_auto_keeps_small_sets_on_the_device() -> None:

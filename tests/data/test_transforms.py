@@ -13,8 +13,10 @@ from scanclust.data.transforms import (
     OP_RANGES,
     Cutout,
     RandomStrongOps,
+    Warp,
     apply_op,
     eval_transform,
+    op_ranges,
     sample_magnitude,
     simclr_transform,
     strong_transform,
@@ -95,12 +97,32 @@ def test_posterize_4_bits_of_255_is_240() -> None:
     assert torch.equal(apply_op(constant(255), "posterize", 4), constant(240))
 
 
-def test_translate_x_shifts_a_20px_image_by_2px() -> None:
+@pytest.mark.parametrize(("warp", "fill"), [(Warp(), 0), (Warp.centred(), 128)])
+def test_translate_x_shifts_a_20px_image_by_2px(warp: Warp, fill: int) -> None:
     img = random_uint8(20, 20)
-    for out in (apply_op(img, "translate_x", 0.1),
-                F.pil_to_tensor(apply_op(F.to_pil_image(img), "translate_x", 0.1))):
+    for out in (apply_op(img, "translate_x", 0.1, warp),
+                F.pil_to_tensor(apply_op(F.to_pil_image(img), "translate_x", 0.1, warp))):
         assert torch.equal(out[:, :, 2:], img[:, :, :-2])
-        assert (out[:, :, :2] == 128).all()
+        assert (out[:, :, :2] == fill).all()
+
+
+def test_shear_pivots_about_the_top_left_corner_by_default() -> None:
+    # shear_x maps (x, y) -> (x + 0.1 y, y) about the pivot: the top row (half a pixel below a
+    # corner pivot) moves by 0.05 px, which nearest sampling rounds away; the bottom row moves
+    # by about 2 px. About the centre, the top row moves by about 1 px instead.
+    img = random_uint8(20, 20)
+    corner = apply_op(img, "shear_x", 0.1)
+    assert torch.equal(corner[:, 0], img[:, 0])
+    assert not torch.equal(corner[:, -1], img[:, -1])
+    assert not torch.equal(apply_op(img, "shear_x", 0.1, Warp.centred())[:, 0], img[:, 0])
+
+
+def test_nearest_warps_copy_pixels_and_fill_black() -> None:
+    img = random_uint8(20, 20)
+    out = apply_op(img, "rotate", 17.0)
+    seen = set(img.flatten().tolist()) | {0}
+    assert set(out.flatten().tolist()) <= seen  # nothing blended: values of the input, or black
+    assert (out[:, 0, 0] == 0).all()  # the corner the rotation uncovers is black
 
 
 def test_translate_y_shifts_rows() -> None:
@@ -130,10 +152,16 @@ def test_posterize_draws_each_integer_4_to_8() -> None:
     assert set(draws) == {4.0, 5.0, 6.0, 7.0, 8.0}
 
 
+def test_released_posterize_bits_are_4_to_7() -> None:
+    torch.manual_seed(0)
+    ranges = op_ranges(StrongAugConfig().posterize_bits)
+    assert {sample_magnitude("posterize", ranges) for _ in range(500)} == {4.0, 5.0, 6.0, 7.0}
+
+
 def record_ops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
     calls: list[tuple[str, float]] = []
 
-    def spy(img, op, magnitude):
+    def spy(img, op, magnitude, warp):
         calls.append((op, magnitude))
         return img
 
@@ -144,7 +172,7 @@ def record_ops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
 def test_random_strong_ops_draws_num_ops_distinct_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = record_ops(monkeypatch)
     torch.manual_seed(0)
-    augment = RandomStrongOps(STRONG_OPS, num_ops=4)
+    augment = RandomStrongOps(STRONG_OPS, num_ops=4, replacement=False)
     for _ in range(50):
         calls.clear()
         augment(random_uint8())
@@ -155,10 +183,12 @@ def test_random_strong_ops_draws_num_ops_distinct_ops(monkeypatch: pytest.Monkey
             assert bounds[0] <= magnitude <= bounds[1]
 
 
-def test_random_strong_ops_chooses_ops_uniformly(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("replacement", [True, False])
+def test_random_strong_ops_chooses_ops_uniformly(monkeypatch: pytest.MonkeyPatch,
+                                                 replacement: bool) -> None:
     calls = record_ops(monkeypatch)
     torch.manual_seed(0)
-    augment = RandomStrongOps(STRONG_OPS, num_ops=4)
+    augment = RandomStrongOps(STRONG_OPS, num_ops=4, replacement=replacement)
     rounds = 2100
     for _ in range(rounds):
         augment(None)
@@ -168,11 +198,25 @@ def test_random_strong_ops_chooses_ops_uniformly(monkeypatch: pytest.MonkeyPatch
     assert all(0.85 * expected < n < 1.15 * expected for n in counts.values()), counts
 
 
+def test_random_strong_ops_with_replacement_repeat_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Four independent draws of 14 ops are all distinct with probability 14*13*12*11 / 14^4.
+    calls = record_ops(monkeypatch)
+    torch.manual_seed(0)
+    augment = RandomStrongOps(STRONG_OPS, num_ops=4)
+    rounds, distinct = 2000, 0
+    for _ in range(rounds):
+        calls.clear()
+        augment(None)
+        distinct += len({op for op, _ in calls}) == 4
+    assert abs(distinct / rounds - 14 * 13 * 12 * 11 / 14 ** 4) < 0.04  # 0.625, sd 0.011
+
+
 def test_random_strong_ops_validates() -> None:
     with pytest.raises(ValueError, match="'blur'"):
         RandomStrongOps(["rotate", "blur"], num_ops=1)
     with pytest.raises(ValueError, match="num_ops"):
-        RandomStrongOps(["rotate"], num_ops=2)
+        RandomStrongOps(["rotate"], num_ops=2, replacement=False)
+    assert RandomStrongOps(["rotate"], num_ops=2).num_ops == 2  # repeats allowed
 
 
 def hole_box(out: torch.Tensor) -> tuple[int, int, int, int]:
@@ -192,7 +236,7 @@ def test_cutout_hole_is_a_clipped_square_of_zeros() -> None:
     img = torch.ones(3, side, side)
     boxes, full, clipped = set(), 0, 0
     for _ in range(300):
-        out = Cutout(size)(img)
+        out = Cutout(size, "fixed")(img)
         assert set(out.unique().tolist()) == {0.0, 1.0}
         r0, r1, c0, c1 = hole_box(out)
         height, width = r1 - r0 + 1, c1 - c0 + 1
@@ -209,8 +253,27 @@ def test_cutout_hole_is_a_clipped_square_of_zeros() -> None:
 
 def test_cutout_size_one_erases_one_pixel_and_zero_is_identity() -> None:
     img = torch.ones(3, 10, 10)
-    assert int((Cutout(1)(img) == 0).sum()) == 3
+    assert int((Cutout(1, "fixed")(img) == 0).sum()) == 3
     assert torch.equal(Cutout(0)(img), img)
+
+
+def expected_uniform_cutout_share(side: int, size: int) -> float:
+    """The authors' rule by hand: side s uniform in 1..size, rows cy - s//2 .. cy + s//2 (end
+    excluded) clipped to the image, cy uniform; rows and columns independent."""
+    shares = []
+    for s in range(1, size + 1):
+        rows = sum(min(c + s // 2, side) - max(c - s // 2, 0) for c in range(side)) / side
+        shares.append((rows / side) ** 2)
+    return sum(shares) / len(shares)
+
+
+def test_uniform_cutout_erases_about_7_percent_of_cifar() -> None:
+    assert expected_uniform_cutout_share(32, 16) == pytest.approx(0.0689, abs=1e-4)
+    torch.manual_seed(0)
+    img = torch.ones(3, 32, 32)
+    erased = torch.stack([(Cutout(16)(img)[0] == 0).float().mean() for _ in range(4000)])
+    assert erased.mean().item() == pytest.approx(0.0689, abs=0.004)  # sd of the mean 0.001
+    assert erased.max() <= 256 / 1024 and (erased == 0).any()  # s = 1 erases nothing
 
 
 def test_simclr_strong_and_eval_give_normalised_float_tensors() -> None:

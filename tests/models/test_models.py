@@ -23,13 +23,30 @@ def test_resnet18_cifar_stem_and_shape() -> None:
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
-def test_resnet18_stl_keeps_standard_stem() -> None:
-    torch.manual_seed(0)
-    net = build_backbone("resnet18_stl").eval()
-    assert net.conv1.kernel_size == (7, 7) and net.conv1.stride == (2, 2)
-    assert isinstance(net.maxpool, nn.MaxPool2d)
+def feature_map_sizes(net: nn.Module, side: int) -> list[int]:
+    sizes: list[int] = []
+    for module in (net.conv1, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4):
+        module.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
     with torch.no_grad():
-        assert net(torch.randn(2, 3, 96, 96)).shape == (2, 512)
+        assert net(torch.randn(2, 3, side, side)).shape == (2, 512)
+    return sizes
+
+
+def test_resnet18_stl_is_the_released_stl_model() -> None:
+    # 3x3 stride-1 stem, 2x2 max-pool of stride 2 with padding 1: 96 -> 49, then 49, 25, 13, 7.
+    net = build_backbone("resnet18_stl").eval()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert feature_map_sizes(net, 96) == [96, 49, 49, 25, 13, 7]
+    # torchvision's ResNet-18 without fc has 11,176,512 weights; the 3x3 stem has
+    # 64 * 3 * 9 = 1,728 instead of 64 * 3 * 49 = 9,408.
+    assert sum(p.numel() for p in net.parameters()) == 11_176_512 - 9_408 + 1_728
+
+
+def test_resnet18_keeps_torchvisions_stem() -> None:
+    net = build_backbone("resnet18").eval()
+    assert net.conv1.kernel_size == (7, 7) and net.conv1.stride == (2, 2)
+    assert feature_map_sizes(net, 96) == [48, 24, 24, 12, 6, 3]
+    assert sum(p.numel() for p in net.parameters()) == 11_176_512
 
 
 def test_resnet50_out_dim() -> None:
