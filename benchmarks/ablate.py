@@ -41,14 +41,14 @@ TEXT_READING = [
     "scan.partner=neighbors", "scan.selection_entropy_weight=null",
     "scan.selection_neighbors=null", "scan.selection_self=false",
 ]
-VARIANTS: dict[str, list[str]] = {
+VARIANTS: dict[str, list[str]] = {  # in the order a short window should try them
     "scan-frozen-cached": ["scan.update_backbone=false", "scan.cached_views=5",
                            "scan.num_heads=10", "scan.optim.lr=0.001", "scan.epochs=60"],
-    "scan-lr-1e-4": ["scan.optim.lr=0.0001"],
-    "text-reading": TEXT_READING,
-    "scan-1-head": ["scan.num_heads=1"],
     "mine-backbone": ["mine.features=backbone"],
+    "text-reading": TEXT_READING,
+    "scan-lr-1e-4": ["scan.optim.lr=0.0001"],
     "selflabel-ema": ["selflabel.ema=0.999"],
+    "scan-1-head": ["scan.num_heads=1"],
     "selflabel-lr-4e-4": ["selflabel.optim.lr=0.0004"],
     "mine-k5": ["mine.topk=5"],
 }

@@ -3,8 +3,8 @@
 # Usage (repository root, CIFAR-10 archive copied to data/cifar10-jpeg.tar.gz beforehand):
 #   bash benchmarks/gpu_session.sh budget                 # ~8.3 min: the 8-minute CIFAR-10 run
 #   bash benchmarks/gpu_session.sh throughput[:SECONDS]   # ~1.5 min: images/s, ours vs baseline
-#   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # NCHW and torch.compile variants,
-#                                                         # profiles, graph-vs-eager check
+#   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # profiles, graph-vs-eager check,
+#                                                         # NCHW and torch.compile variants
 #   bash benchmarks/gpu_session.sh ablate:SECONDS         # later stages again on budget's pretext
 #   bash benchmarks/gpu_session.sh budget throughput:90   # several modes, in order
 # A mode given :SECONDS is stopped after that many seconds (what it printed is kept).
@@ -60,9 +60,12 @@ for spec in "$@"; do
       run throughput "$limit" benchmarks/throughput.py --data "$data" --repeats 2 --steps 15 \
         --warmup 6 --variants baseline eager graphs ;;
     kernels)
+      # profiles (GPU busy, launches) and the graph-vs-eager check of every step, then the batch
+      # norm question on the pretext: NHWC, NCHW (cuDNN batch norm), torch.compile (fused)
+      run throughput-profile "$limit" benchmarks/throughput.py --data "$data" --variants \
+        --warmup 6 --steps 15 --profile --check
       run throughput-kernels "$limit" benchmarks/throughput.py --data "$data" --repeats 1 \
-        --steps 15 --warmup 6 --only pretext scan512 --variants graphs graphs-nchw graphs-compile \
-        --profile --check ;;
+        --steps 15 --warmup 6 --only pretext --variants graphs graphs-nchw graphs-compile ;;
     ablate)
       "$py" benchmarks/ablate.py --base "$budget_run" --out "/tmp/ablate-$$" \
         --deadline "${limit:-600}" --json "$results/ablation-$stamp.jsonl" 2>&1 \

@@ -132,7 +132,8 @@ def main() -> None:
                         help="CPU run: tiny ResNet (width 16), batches of 64")
     parser.add_argument("--only", choices=list(STEPS), nargs="*", default=list(STEPS))
     parser.add_argument("--variants", choices=list(VARIANTS), nargs="*",
-                        default=["baseline", "eager", "graphs", "graphs-nchw"])
+                        default=["baseline", "eager", "graphs", "graphs-nchw"],
+                        help="variants to time (none: only --profile / --check)")
     parser.add_argument("--profile", action="store_true",
                         help="profile each step of --profile-variant after the timings")
     parser.add_argument("--profile-variant", default="graphs", choices=list(VARIANTS))
@@ -167,6 +168,9 @@ def main() -> None:
             args.json.write_text(json.dumps(record, indent=1) + "\n")
 
     for step in args.only:
+        results[step] = {}
+        if not args.variants:
+            continue
         stage, _ = STEPS[step]
         runs: dict[str, list[float]] = {v: [] for v in args.variants}
         modes: dict[str, str] = {}
