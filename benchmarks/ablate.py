@@ -5,12 +5,17 @@ GPU. So a GPU window trains the pretext once (``cifar10_budget.py``) and then tr
 settings of the later stages from its checkpoint, each in its own run directory under ``--out``
 that starts from hard links to the base run's earlier stages. Each variant redoes the stages
 from the one its first override names (``mine.*`` redoes mining, SCAN and self-label;
-``scan.*`` SCAN and self-label; ``selflabel.*`` self-label only), then evaluates. Results are
-printed and appended to ``--json`` as one JSON line per variant as soon as it finishes, so a
-window that runs out keeps what was done; ``--deadline`` skips a variant that the base run's
-stage times say cannot finish in time.
+``scan.*`` SCAN and self-label; ``selflabel.*`` self-label only; ``pretext.*`` everything, with
+the base run's config otherwise), then evaluates. ``--until mine`` stops after mining, which
+with evaluation's k-means compares pretext settings by neighbour purity and k-means ACC alone
+(with ``--set pretext.epochs=N`` for a shorter pretext of each). Results are printed and
+appended to ``--json`` as one JSON line per variant as soon as it finishes, so a window that
+runs out keeps what was done; ``--deadline`` skips a variant that the base run's stage times
+say cannot finish in time.
 
     python benchmarks/ablate.py --base runs/budget --out runs/ablate --deadline 200
+    python benchmarks/ablate.py --base runs/budget --out runs/pre --until mine \\
+        --only pretext-recipe pretext-t0.2 pretext-t0.5 --set pretext.epochs=60
     python benchmarks/ablate.py --base /tmp/b --out /tmp/a --only mine-backbone   # CPU check
 """
 
@@ -51,13 +56,19 @@ VARIANTS: dict[str, list[str]] = {  # in the order a short window should try the
     "scan-1-head": ["scan.num_heads=1"],
     "selflabel-lr-4e-4": ["selflabel.optim.lr=0.0004"],
     "mine-k5": ["mine.topk=5"],
+    # the pretext itself, usually with --until mine and a shorter --set pretext.epochs=N
+    "pretext-recipe": ["pretext.temperature=0.1"],
+    "pretext-t0.2": ["pretext.temperature=0.2"],
+    "pretext-t0.5": ["pretext.temperature=0.5"],
+    "pretext-wd-5e-4": ["pretext.optim.weight_decay=0.0005"],
+    "pretext-batch-1024": ["pretext.batch_size=1024", "pretext.optim.lr=0.8"],
 }
 
 
 def first_stage(overrides: list[str]) -> str:
     """The earliest stage an override touches; augmentations first matter in SCAN."""
     sections = {o.split(".", 1)[0] for o in overrides}
-    for stage in ORDER[1:]:
+    for stage in ORDER:
         if stage in sections:
             return stage
     return "scan"
@@ -86,6 +97,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                         help="overrides for every variant (e.g. device=cpu)")
+    parser.add_argument("--until", choices=ORDER[1:], default="selflabel",
+                        help="last stage to run before evaluating")
     parser.add_argument("--deadline", type=float, help="seconds from start; later variants skip")
     parser.add_argument("--json", type=Path, help="append one JSON line per variant here")
     args = parser.parse_args()
@@ -95,7 +108,10 @@ def main() -> None:
     for name in args.only:
         overrides = VARIANTS[name] + args.set + ["progress=false", "evaluate.figures=false"]
         start = first_stage(VARIANTS[name])
-        redo = ORDER[ORDER.index(start):]
+        redo = ORDER[ORDER.index(start):ORDER.index(args.until) + 1]
+        if not redo:
+            print(f"{name}: nothing to redo before --until {args.until}", flush=True)
+            continue
         estimate = sum(base_seconds.get(s, 0.0) for s in redo) * 1.2 + 15
         if args.deadline and time.perf_counter() - started + estimate > args.deadline:
             print(f"{name}: skipped, about {estimate:.0f} s would pass the deadline", flush=True)

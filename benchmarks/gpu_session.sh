@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # profiles, graph-vs-eager check,
 #                                                         # NCHW and torch.compile variants
 #   bash benchmarks/gpu_session.sh ablate:SECONDS         # later stages again on budget's pretext
+#   bash benchmarks/gpu_session.sh pretext:SECONDS        # pretext settings (PRETEXT_EPOCHS each),
+#                                                         # by purity and k-means, after budget
 #   bash benchmarks/gpu_session.sh budget throughput:90   # several modes, in order
 # A mode given :SECONDS is stopped after that many seconds (what it printed is kept).
 # Each benchmark writes its JSON to benchmarks/results/<benchmark>-<device>-<date>.json (kept in
@@ -71,6 +73,14 @@ for spec in "$@"; do
         --deadline "${limit:-600}" --json "$results/ablation-$stamp.jsonl" 2>&1 \
         | tee -a "$out/ablation.log" | cut -c1-300
       cp "$results/ablation-$stamp.jsonl" "$out/ablation.jsonl" 2>/dev/null ;;
+    pretext)
+      # pretext settings compared by neighbour purity and k-means alone, shorter pretext each
+      "$py" benchmarks/ablate.py --base "$budget_run" --out "/tmp/pretext-$$" --until mine \
+        --only pretext-recipe pretext-t0.2 pretext-t0.5 pretext-wd-5e-4 pretext-batch-1024 \
+        --set "pretext.epochs=${PRETEXT_EPOCHS:-60}" --deadline "${limit:-600}" \
+        --json "$results/pretext-ablation-$stamp.jsonl" 2>&1 \
+        | tee -a "$out/pretext-ablation.log" | cut -c1-300
+      cp "$results/pretext-ablation-$stamp.jsonl" "$out/pretext-ablation.jsonl" 2>/dev/null ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
 done
