@@ -32,20 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
+from scanclust import config  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.pipeline import STAGE_FUNCTIONS  # noqa: E402
 from scanclust.rundir import STAGE_DIRS, RunDir, read_json  # noqa: E402
 
 ORDER = ("pretext", "mine", "scan", "selflabel")
-# The settings of SPEC section 2 where the paper's text and the authors' released code differ,
-# set back to the text's reading (what this package did before the released behaviour).
-TEXT_READING = [
-    "augment.strong.op_draw=distinct", "augment.strong.posterize_bits=[4,8]",
-    "augment.strong.interpolation=bilinear", "augment.strong.fill=128",
-    "augment.strong.shear_pivot=center", "augment.strong.cutout_side=fixed",
-    "scan.partner=neighbors", "scan.selection_entropy_weight=null",
-    "scan.selection_neighbors=null", "scan.selection_self=false",
-]
+# SPEC section 2's settings where the text and the released code differ, the text's reading
+TEXT_READING = [f"{key}={json.dumps(value)}" for key, value in config.TEXT_READING.items()]
 VARIANTS: dict[str, list[str]] = {  # in the order a short window should try them
     "scan-frozen-cached": ["scan.update_backbone=false", "scan.cached_views=5",
                            "scan.num_heads=10", "scan.optim.lr=0.001", "scan.epochs=60"],

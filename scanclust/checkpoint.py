@@ -15,21 +15,10 @@ from typing import Any
 
 import torch
 
+from scanclust.config import TEXT_READING
 from scanclust.errors import UserError
 
 FORMAT_VERSION = 2
-
-# What version-1 checkpoints (written before the authors' released behaviour became the
-# default) ran with, for the config keys that did not exist then. Filling them in on load lets
-# an older run directory rebuild its model and say which variant it used.
-_VERSION_1_BEHAVIOUR = {
-    "augment.strong.op_draw": "distinct", "augment.strong.posterize_bits": [4, 8],
-    "augment.strong.interpolation": "bilinear", "augment.strong.fill": 128,
-    "augment.strong.shear_pivot": "center", "augment.strong.cutout_side": "fixed",
-    "scan.partner": "neighbors", "scan.selection_entropy_weight": None,
-    "scan.selection_neighbors": None, "scan.selection_self": False,
-}
-
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from another stage."""
@@ -70,13 +59,13 @@ def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     """Bring an older checkpoint's recorded config up to the current format.
 
-    Version 1 had no keys for the variants in _VERSION_1_BEHAVIOUR, and its ``resnet18_stl``
-    was torchvision's 7x7/2 stem, now called ``resnet18``.
+    Version 1 had no keys for the variants of config.TEXT_READING and ran with those values,
+    and its ``resnet18_stl`` was torchvision's 7x7/2 stem, now called ``resnet18``.
     """
     config = payload.get("config")
     if payload.get("format_version", 1) >= 2 or not isinstance(config, dict):
         return payload
-    for dotted, value in _VERSION_1_BEHAVIOUR.items():
+    for dotted, value in TEXT_READING.items():
         section, key = dotted.rsplit(".", 1)
         node = config
         for part in section.split("."):

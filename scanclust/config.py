@@ -30,6 +30,18 @@ STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "col
               "posterize")
 
 
+# Where the paper's text and the authors' released code differ (SPEC section 2), the defaults
+# follow the code; these values give the text's reading, which is also what checkpoints of
+# format 1 (written before these keys existed) ran with.
+TEXT_READING: dict[str, Any] = {
+    "augment.strong.op_draw": "distinct", "augment.strong.posterize_bits": [4, 8],
+    "augment.strong.interpolation": "bilinear", "augment.strong.fill": 128,
+    "augment.strong.shear_pivot": "center", "augment.strong.cutout_side": "fixed",
+    "scan.partner": "neighbors", "scan.selection_entropy_weight": None,
+    "scan.selection_neighbors": None, "scan.selection_self": False,
+}
+
+
 class ConfigError(UserError, ValueError):
     """A config problem; the message names the offending key or file."""
 
