@@ -150,7 +150,7 @@ class ScanConfig:
     partner: str = "neighbors_and_self"  # draw among the K neighbours and the image itself | neighbors
     # Label-free model selection: the SCAN loss on the val split with this entropy weight (null:
     # the training weight), over each image's first ``selection_neighbors`` val neighbours (null:
-    # all mined) and, with ``selection_self``, the image itself.
+    # as many as training uses) and, with ``selection_self``, the image itself.
     selection_entropy_weight: float | None = 1.0
     selection_neighbors: int | None = 5
     selection_self: bool = True

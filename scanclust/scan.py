@@ -161,9 +161,11 @@ def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig) 
     The authors' released behaviour (the default): consistency - 1 x entropy over each image's
     first 5 val neighbours plus the image itself. ``selection_entropy_weight=null``,
     ``selection_neighbors=null`` and ``selection_self=false`` give the other reading: the
-    training loss (weight 5) over all mined neighbours.
+    training loss (weight 5) over as many neighbours as training uses (``num_neighbors``; all
+    mined when that is null or 0).
     """
-    table = neighbors if sc.selection_neighbors is None else neighbors[:, :sc.selection_neighbors]
+    count = sc.num_neighbors if sc.selection_neighbors is None else sc.selection_neighbors
+    table = neighbors[:, :count] if count else neighbors
     if sc.selection_self:
         table = with_self(table)
     weight = sc.entropy_weight if sc.selection_entropy_weight is None else sc.selection_entropy_weight
