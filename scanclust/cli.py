@@ -115,7 +115,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling positionals at the first option: `cluster FOLDER --out R a.b=1`
+    # leaves a.b=1 over. Such leftovers are overrides (or, for predict, more inputs).
+    args, extra = parser.parse_known_args(argv)
+    rest = "inputs" if args.command == "predict" else "overrides"
+    if extra and (any(e.startswith("-") for e in extra) or not hasattr(args, rest)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, rest, list(getattr(args, rest)) + extra)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
@@ -153,15 +161,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                 force=args.force)
         return 0
     if args.command == "report":
+        load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch
         from scanclust.report import report
 
-        load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch
         report(None, args.out, overrides=overrides, export=args.export)
         return 0
     if args.command == "demo":
+        load_config("demo", overrides)  # config errors before torch is imported
         from scanclust.demo import demo
 
-        load_config("demo", overrides)  # config errors before torch is imported
         demo(args.out, seeds=args.seeds, overrides=overrides, resume=args.resume,
              force=args.force)
         return 0

@@ -110,6 +110,11 @@ def _items(images: Any) -> Iterator[ImageInput]:
                         f"{images.shape}; it takes {ACCEPTED}")
     if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
         raise TypeError(f"predict got {type(images).__name__}; it takes {ACCEPTED}")
+    if isinstance(images, (list, tuple)):  # checked before any work; a generator as it comes
+        for i, item in enumerate(images):
+            if not _is_image(item):
+                raise TypeError(f"predict got {type(item).__name__} as item {i}; it takes "
+                                f"{ACCEPTED}")
     for i, item in enumerate(images):
         if not _is_image(item):
             raise TypeError(f"predict got {type(item).__name__} as item {i}; it takes "

@@ -138,7 +138,8 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno == errno.ELOOP:
         return "symlink loop"
     if isinstance(err, FileNotFoundError):
-        return "broken symlink or file removed"
+        name = getattr(err, "filename", None)
+        return "broken symlink" if name and os.path.islink(name) else "no such file"
     if isinstance(err, PermissionError):
         return "permission denied"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
