@@ -366,6 +366,11 @@ def validate(cfg: Config) -> None:
              is not None, "model.backbone",
              f"{cfg.model.backbone!r} is not one of {', '.join(BACKBONES)}, a torchvision "
              f"model name or timm:NAME")
+    if cfg.model.backbone not in BACKBONES:  # only then is a model library imported
+        from scanclust.models.pretrained import library_name_problem
+
+        problem = library_name_problem(cfg.model.backbone)
+        _require(problem is None, "model.backbone", problem or "")
     _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "device", f"{cfg.device!r} is not auto, cpu, cuda, cuda:N or mps")
     _require(cfg.data.image_size > 0, "data.image_size", "must be positive")

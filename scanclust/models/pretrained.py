@@ -27,7 +27,7 @@ TIMM_PREFIX = "timm:"
 _CLASSIFIER_ATTRS = ("fc", "heads", "head", "classifier")
 
 
-class PretrainedError(UserError, RuntimeError):
+class PretrainedError(UserError, ValueError):
     """A library model that does not exist, or weights that cannot be had; says what to do."""
 
 
@@ -37,28 +37,43 @@ def is_library_name(name: str) -> bool:
                                                          "resnet_tiny")
 
 
+def library_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a torchvision classification model or an installed timm model, with
+    the closest name; None when it is one."""
+    if name.startswith(TIMM_PREFIX):
+        try:
+            timm = _timm()
+        except PretrainedError as err:
+            return str(err)
+        model_name = name[len(TIMM_PREFIX):]
+        if timm.is_model(model_name):
+            return None
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=1)
+        return f"timm has no model {model_name!r}" + (f"; did you mean timm:{close[0]}?"
+                                                      if close else "")
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if name in names:
+        return None
+    close = difflib.get_close_matches(name, names, n=1)
+    return (f"{name!r} is not a built-in backbone (resnet18_cifar, resnet18_stl, resnet_tiny), "
+            f"a torchvision classification model or timm:NAME"
+            + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def library_backbone(name: str) -> nn.Module:
     """The named torchvision or timm model, randomly initialised, classifier removed, with
     ``out_dim`` set."""
+    problem = library_name_problem(name)
+    if problem is not None:
+        raise PretrainedError(f"model.backbone={name}: {problem}")
     if name.startswith(TIMM_PREFIX):
-        timm = _timm()
-        model_name = name[len(TIMM_PREFIX):]
-        if not timm.is_model(model_name):
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=1)
-            hint = f"; did you mean timm:{close[0]}?" if close else ""
-            raise PretrainedError(f"model.backbone={name}: timm has no model {model_name!r}{hint}")
-        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        model = _timm().create_model(name[len(TIMM_PREFIX):], pretrained=False, num_classes=0)
         model.out_dim = int(model.num_features)
         return model
     import torchvision.models as tvm
 
-    names = tvm.list_models(module=tvm)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise PretrainedError(f"model.backbone={name}: not a built-in backbone (resnet18_cifar, "
-                              f"resnet18_stl, resnet_tiny), a torchvision classification model "
-                              f"or timm:NAME{hint}")
     return strip_classifier(tvm.get_model(name, weights=None))
 
 
