@@ -105,6 +105,7 @@ def score_partitions(features: np.ndarray, ks: list[int], criterion: str = "modu
 def plot_curve(choice: KChoice, path: Path) -> None:
     """The criterion against K, the chosen K marked: a PNG for the run and the report."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5.0, 3.0))
     ax = fig.add_subplot()
@@ -113,6 +114,7 @@ def plot_curve(choice: KChoice, path: Path) -> None:
     ax.set_xlabel("number of clusters K")
     ax.set_ylabel(choice.criterion)
     ax.set_title(f"{choice.criterion} of k-means partitions: K = {choice.k} chosen", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

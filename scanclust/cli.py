@@ -154,11 +154,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "cluster":
         from scanclust.cluster import cluster
 
-        cluster(args.folder, args.out, clusters=args.clusters, backbone=args.backbone,
-                preset=args.preset, labels_from_folders=args.labels_from_folders,
-                strict=args.strict, export=args.export, k_range=args.k_range,
-                criterion=args.criterion, overrides=overrides, resume=args.resume,
-                force=args.force)
+        summary = cluster(args.folder, args.out, clusters=args.clusters,
+                          backbone=args.backbone, preset=args.preset,
+                          labels_from_folders=args.labels_from_folders, strict=args.strict,
+                          export=args.export, k_range=args.k_range, criterion=args.criterion,
+                          overrides=overrides, resume=args.resume, force=args.force)
+        print(f"{summary['num_images']} images in {summary['num_clusters']} clusters "
+              f"({summary['num_skipped']} files skipped) in {summary['total_seconds']:.0f} s; "
+              f"open {summary['report']}")
         return 0
     if args.command == "report":
         load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch

@@ -112,7 +112,7 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     (run.root / "report.html").write_text(page, encoding="utf-8")
     summary = {"seconds": time.perf_counter() - started, "num_images": len(paths),
                "num_skipped": len(skipped), "num_clusters": int(probs.shape[1]),
-               "export": export}
+               "export": export, "report": str(run.root / "report.html")}
     log.info("report: %d images in %d clusters, %d skipped; wrote %s", len(paths),
              probs.shape[1], len(skipped), run.root / "report.html")
     return summary

@@ -35,8 +35,12 @@ def cache_key(paths: list[Path], size: int) -> str:
     """A hash of what decides the decoded pixels: each file's path, size and mtime, and ``size``."""
     digest = hashlib.sha256(f"{FORMAT}:{size}".encode())
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        try:
+            stat = os.stat(path)
+            version = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:  # gone since it was listed: decoding will record why
+            version = "missing"
+        digest.update(f"\0{os.path.abspath(path)}\0{version}".encode())
     return digest.hexdigest()[:20]
 
 
