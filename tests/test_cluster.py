@@ -20,13 +20,15 @@ def test_plan_scales_with_the_data() -> None:
     small = plan("cpu", "scratch", images=3000, side=32)
     assert small["data.image_size"] == 32 and small["model.backbone"] == "resnet_tiny"
     assert small["pretext.epochs"] == 50  # 150,000 samples / 3,000 images
-    assert small["scan.epochs"] == 20 and small["selflabel.epochs"] == 10
+    assert small["scan.cached_views"] == 5 and small["scan.update_backbone"] is False
+    assert small["scan.epochs"] == 50 and small["selflabel.epochs"] == 20
     photos = plan("cpu", "scratch", images=100_000, side=3000)
     assert photos["data.image_size"] == 32 and photos["pretext.epochs"] == 10  # lower bound
     tiny = plan("cpu", "scratch", images=200, side=12)
     assert tiny["data.image_size"] == 12 and tiny["pretext.epochs"] == 500  # upper bound
     gpu = plan("gpu", "scratch", images=5000, side=96)
     assert gpu["model.backbone"] == "resnet18_stl" and gpu["data.image_size"] == 96
+    assert gpu["scan.update_backbone"] is True and gpu["scan.epochs"] == 80
     for settings in (small, photos, tiny, gpu):
         load_config(None, settings)  # every plan is a valid config
 
