@@ -2,7 +2,12 @@
 
     scanclust run --config cifar10 --out runs/c10 [section.key=value ...]
     scanclust scan --out runs/c10 --resume
+    scanclust cluster ~/photos --out runs/photos
+    scanclust predict runs/photos new/ more.jpg --csv new.csv
     scanclust demo
+
+torch, scikit-learn and matplotlib are imported only once a command needs them, so ``--help``
+and a config error answer at once.
 """
 
 from __future__ import annotations
@@ -15,9 +20,7 @@ from pathlib import Path
 import yaml
 
 from scanclust.config import ConfigError, builtin_configs, load_config
-from scanclust.demo import demo
 from scanclust.errors import UserError
-from scanclust.pipeline import STAGE_FUNCTIONS, run
 
 STAGE_HELP = {
     "pretext": "train the backbone with SimCLR (or load pretext.weights)",
@@ -47,10 +50,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="run directory (default: runs/demo, or runs/demo-N if taken)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with N seeds; report mean ± std")
     _common(p)
+    _cluster_parsers(sub)
     p = sub.add_parser("config", help="print a resolved config as YAML")
     p.add_argument("config", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
+
+
+def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
+    text = "cluster a folder of images: config chosen from the data, all stages, a report"
+    p = sub.add_parser("cluster", help=text, description=text + (
+        ". Writes assignments.csv, clusters.json, skipped.txt and report.html in the run "
+        "directory."))
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (subfolders included)")
+    p.add_argument("--out", "-o", help="run directory (default: runs/<folder name>)")
+    p.add_argument("--clusters", "-k", default=None, metavar="K|auto",
+                   help="number of clusters, or auto (default: auto; with "
+                        "--labels-from-folders the number of subfolders)")
+    p.add_argument("--backbone", "-b", default="scratch", metavar="NAME",
+                   help="scratch (SimCLR, the paper), a torchvision model (resnet50, "
+                        "vit_b_16, ...) with its ImageNet weights, timm:NAME, or a weights "
+                        "file (default: scratch)")
+    p.add_argument("--preset", "-p", default="auto", help="auto, cpu, gpu or quick "
+                   "(default: auto = gpu with CUDA, else cpu)")
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="subfolder names are classes: metrics against them are reported")
+    p.add_argument("--export", choices=("symlink", "copy"),
+                   help="also write one folder per cluster into RUN/clusters/")
+    p.add_argument("--k-range", metavar="LO:HI", help="range for --clusters auto (default 2:20)")
+    p.add_argument("--criterion", default="modularity",
+                   help="--clusters auto criterion: modularity (default) or silhouette")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image instead of skipping it")
+    _common(p)
+    text = "assign new images to the clusters of a finished run"
+    p = sub.add_parser("predict", help=text, description=text + (
+        ": prints CSV (path, cluster, confidence) or writes it with --csv; unreadable files "
+        "are skipped with a warning and listed on stderr"))
+    p.add_argument("run", metavar="RUN", help="run directory with a finished SCAN stage")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
+    p.add_argument("--csv", help="write the CSV here instead of standard output")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    text = "(re)write assignments.csv, clusters.json, skipped.txt and report.html of a folder run"
+    p = sub.add_parser("report", help=text, description=text)
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--export", choices=("symlink", "copy"),
+                   help="also write one folder per cluster into RUN/clusters/")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (same as device=...)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,7 +115,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling positionals at the first option: `cluster FOLDER --out R a.b=1`
+    # leaves a.b=1 over. Such leftovers are overrides (or, for predict, more inputs).
+    args, extra = parser.parse_known_args(argv)
+    rest = "inputs" if args.command == "predict" else "overrides"
+    if extra and (any(e.startswith("-") for e in extra) or not hasattr(args, rest)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, rest, list(getattr(args, rest)) + extra)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
@@ -83,12 +141,38 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.command == "predict":
+        from scanclust.predict import predict_command
+
+        return predict_command(args.run, args.inputs, csv_path=args.csv, device=args.device,
+                               batch_size=args.batch_size, strict=args.strict)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
     if args.quiet:
         overrides.append("progress=false")
+    if args.command == "cluster":
+        from scanclust.cluster import cluster
+
+        summary = cluster(args.folder, args.out, clusters=args.clusters,
+                          backbone=args.backbone, preset=args.preset,
+                          labels_from_folders=args.labels_from_folders, strict=args.strict,
+                          export=args.export, k_range=args.k_range, criterion=args.criterion,
+                          overrides=overrides, resume=args.resume, force=args.force)
+        print(f"{summary['num_images']} images in {summary['num_clusters']} clusters "
+              f"({summary['num_skipped']} files skipped) in {summary['total_seconds']:.0f} s; "
+              f"open {summary['report']}")
+        return 0
+    if args.command == "report":
+        load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch
+        from scanclust.report import report
+
+        report(None, args.out, overrides=overrides, export=args.export)
+        return 0
     if args.command == "demo":
+        load_config("demo", overrides)  # config errors before torch is imported
+        from scanclust.demo import demo
+
         demo(args.out, seeds=args.seeds, overrides=overrides, resume=args.resume,
              force=args.force)
         return 0
@@ -97,6 +181,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ConfigError("give --config, or --out of an existing run directory")
         out = Path("runs") / load_config(args.config, overrides).name
+    config_file = args.config if args.config is not None else Path(out) / "config.yaml"
+    if args.config is not None or Path(config_file).is_file():
+        load_config(config_file, overrides)  # config errors before torch is imported
+    from scanclust.pipeline import STAGE_FUNCTIONS, run
+
     if args.command == "run":
         run(args.config, out, overrides=overrides, resume=args.resume, force=args.force,
             seeds=args.seeds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DATASETS = ("cifar10", "cifar20", "stl10", "imagenet", "imagenet_50", "imagenet_100",
             "imagenet_200", "folder", "digits")
 BACKBONES = ("resnet18_cifar", "resnet18_stl", "resnet18", "resnet50", "resnet_tiny")
+SCRATCH_BACKBONES = ("resnet18_cifar", "resnet18_stl", "resnet_tiny")  # no library weights
+# any other name is resolved by torchvision or, with the prefix, timm (models/pretrained.py)
+_LIBRARY_NAME = re.compile(r"(timm:)?[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast",
               "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
               "posterize")
@@ -60,6 +64,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])
     num_workers: int = 4
     max_images: int | None = None  # use an evenly spaced subset of each split (smoke tests)
+    # folder data set only:
+    labels_from_folders: bool = True  # immediate subfolders are classes (for evaluation only)
+    cache_dir: str | None = None  # keep decoded images here as .npy files; null: in memory
+    strict: bool = False  # an unreadable image stops the run instead of being skipped
 
 
 @dataclass
@@ -121,7 +129,9 @@ class OptimConfig:
 
 @dataclass
 class PretextConfig:
-    method: str = "simclr"  # simclr | weights (load ``weights``, e.g. MoCo v2 for ImageNet)
+    # simclr | weights (load ``weights``, e.g. MoCo v2 for ImageNet) | pretrained (the
+    # library's own weights of a torchvision or timm ``model.backbone``)
+    method: str = "simclr"
     weights: str | None = None
     epochs: int = 500
     batch_size: int = 512
@@ -385,7 +395,15 @@ def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
     _choice(cfg.data.dataset, "data.dataset", DATASETS)
     _require(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-    _choice(cfg.model.backbone, "model.backbone", BACKBONES)
+    _require(cfg.model.backbone in BACKBONES or _LIBRARY_NAME.fullmatch(cfg.model.backbone)
+             is not None, "model.backbone",
+             f"{cfg.model.backbone!r} is not one of {', '.join(BACKBONES)}, a torchvision "
+             f"model name or timm:NAME")
+    if cfg.model.backbone not in BACKBONES:  # only then is a model library imported
+        from scanclust.models.pretrained import library_name_problem
+
+        problem = library_name_problem(cfg.model.backbone)
+        _require(problem is None, "model.backbone", problem or "")
     _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "device", f"{cfg.device!r} is not auto, cpu, cuda, cuda:N or mps")
     _require(cfg.data.image_size > 0, "data.image_size", "must be positive")
@@ -419,7 +437,10 @@ def validate(cfg: Config) -> None:
     _choice(strong.cutout_side, "augment.strong.cutout_side", ("uniform", "fixed"))
     _require(cfg.model.num_clusters is None or cfg.model.num_clusters >= 2,
              "model.num_clusters", "needs at least 2 clusters")
-    _choice(cfg.pretext.method, "pretext.method", ("simclr", "weights"))
+    _choice(cfg.pretext.method, "pretext.method", ("simclr", "weights", "pretrained"))
+    _require(cfg.pretext.method != "pretrained" or cfg.model.backbone not in SCRATCH_BACKBONES,
+             "pretext.method", f"pretrained weights come from torchvision or timm; "
+             f"model.backbone={cfg.model.backbone} has none (use e.g. resnet50 or timm:NAME)")
     _require(cfg.pretext.method != "weights" or bool(cfg.pretext.weights), "pretext.weights",
              "pretext.method=weights needs a weights file")
     _require(cfg.pretext.temperature > 0, "pretext.temperature", "must be positive")

@@ -1,10 +1,19 @@
-"""Apply a trained run to new images: ``load(run_dir).predict(images)``."""
+"""Apply a trained run to new images: ``load(run_dir).predict(images)`` and ``scanclust predict``.
+
+New images are read and sized exactly as a folder run's training images were (``open_image``,
+shorter side to ``data.resize`` or ``data.image_size``, centre square), then given the eval
+view, so a file predicted here gets the cluster it would have got inside the run.
+"""
 
 from __future__ import annotations
 
+import csv
+import logging
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -12,47 +21,112 @@ from PIL import Image
 
 from scanclust.checkpoint import CheckpointError
 from scanclust.config import Config, load_config
-from scanclust.data import view_transform
+from scanclust.data import batch_augment as B
+from scanclust.data.images import (ImageReadError, decode_square, iter_decoded, list_images,
+                                   resize_square, to_rgb)
+from scanclust.errors import UserError
 from scanclust.models import ClusterModel
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, resolve_device
 from scanclust.scan import load_scan_model
 from scanclust.selflabel import load_selflabel_model
 
+log = logging.getLogger("scanclust")
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ACCEPTED = ("an image path (str or Path), a PIL image, a numpy uint8 array (H x W x 3, "
+            "H x W or N x H x W x 3), or a list, tuple or generator of paths, PIL images "
+            "and arrays")
+
+
+class PredictError(UserError, ValueError):
+    """An image that cannot be read; the message names it."""
+
 
 @dataclass
 class Clusterer:
-    """A trained cluster model with the eval transform it was trained for."""
+    """A trained cluster model with the eval view it was trained for."""
 
     model: ClusterModel
     config: Config
     device: torch.device
     stage: str
 
+    @property
+    def size(self) -> int:
+        """Side of the square images are decoded to (the training images' stored size)."""
+        return self.config.data.resize or self.config.data.image_size
+
     @torch.no_grad()
-    def predict(self, images: Sequence[Image.Image | str | Path],
-                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Cluster ids ``[N]`` and probabilities ``[N, C]`` for PIL images or image paths."""
-        transform = view_transform(self.config, "eval")
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]`` of ``[N, size, size, 3]`` uint8 arrays."""
+        d = self.config.data
         self.model.eval()
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
+        with autocast(self.device, self.config.amp):
+            logits = self.model(B.eval_batch(x, d.image_size, d.mean, d.std))[0]
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict(self, images: ImageInput | Iterable[ImageInput],
+                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster ids ``[N]`` and probabilities ``[N, C]``, in input order.
+
+        Takes one image or many (see ``ACCEPTED``); anything else is a TypeError. A file that
+        cannot be read is a one-line ``PredictError`` naming it (``scanclust predict`` skips
+        such files instead).
+        """
         probs = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(_open(im)) for im in images[start:start + batch_size]])
-            with autocast(self.device, self.config.amp):
-                logits = self.model(batch.to(self.device))[0]
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        p = torch.cat(probs).numpy() if probs else np.zeros((0, self.model.num_clusters))
+        batch: list[np.ndarray] = []
+        for item in _items(images):
+            batch.append(self._square(item))
+            if len(batch) == batch_size:
+                probs.append(self.predict_arrays(np.stack(batch)))
+                batch = []
+        if batch:
+            probs.append(self.predict_arrays(np.stack(batch)))
+        p = np.concatenate(probs) if probs else np.zeros((0, self.model.num_clusters), np.float32)
         return p.argmax(1), p
 
+    def _square(self, item: ImageInput) -> np.ndarray:
+        if isinstance(item, (str, Path)):
+            try:
+                return decode_square(item, self.size)
+            except ImageReadError as err:
+                raise PredictError(f"cannot read image {item}: {err}") from None
+        if isinstance(item, np.ndarray):
+            item = Image.fromarray(item if item.ndim == 2 or item.shape[2] != 1 else item[..., 0])
+        return resize_square(to_rgb(item), self.size)
 
-def _open(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot read image {image}: {err}") from None
+
+def _items(images: Any) -> Iterator[ImageInput]:
+    """One image or an iterable of them, checked item by item."""
+    if _is_image(images):
+        yield images
+        return
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3, 4):
+            yield from images
+            return
+        raise TypeError(f"predict got a numpy array of dtype {images.dtype} and shape "
+                        f"{images.shape}; it takes {ACCEPTED}")
+    if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
+        raise TypeError(f"predict got {type(images).__name__}; it takes {ACCEPTED}")
+    if isinstance(images, (list, tuple)):  # checked before any work; a generator as it comes
+        for i, item in enumerate(images):
+            if not _is_image(item):
+                raise TypeError(f"predict got {type(item).__name__} as item {i}; it takes "
+                                f"{ACCEPTED}")
+    for i, item in enumerate(images):
+        if not _is_image(item):
+            raise TypeError(f"predict got {type(item).__name__} as item {i}; it takes "
+                            f"{ACCEPTED}")
+        yield item
+
+
+def _is_image(item: Any) -> bool:
+    if isinstance(item, (str, Path, Image.Image)):
+        return True
+    return (isinstance(item, np.ndarray) and item.dtype == np.uint8
+            and (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))))
 
 
 def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") -> Clusterer:
@@ -68,7 +142,73 @@ def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") ->
     return Clusterer(model.to(torch_device).eval(), cfg, torch_device, stage)
 
 
-def predict(run_dir: str | Path, images: Sequence[Image.Image | str | Path],
+def predict(run_dir: str | Path, images: ImageInput | Iterable[ImageInput],
             device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """One-call form of ``load(run_dir).predict(images)``."""
     return load(run_dir, device=device).predict(images)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given, folders as their images (recursively, ``list_images``); the rest, and
+    what a folder holds that cannot be read, as (path, reason)."""
+    paths: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            try:
+                listing = list_images(path)
+            except ImageReadError as err:
+                skipped.append((name, str(err)))
+                continue
+            paths += listing.paths
+            skipped += [(str(p), reason) for p, reason in listing.skipped]
+        elif path.is_file():
+            paths.append(path)
+        else:
+            skipped.append((name, "does not exist" if not path.is_symlink() else
+                            "broken symlink or symlink loop"))
+    return paths, skipped
+
+
+def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None,
+                    device: str = "auto", batch_size: int = 256, strict: bool = False) -> int:
+    """``scanclust predict``: CSV rows ``path, cluster, confidence``; unreadable files are
+    skipped with a warning (or stop the command with ``strict``)."""
+    if batch_size < 1:
+        raise PredictError("--batch-size must be >= 1")
+    paths, skipped = expand_inputs(inputs)
+    if strict and skipped:
+        raise PredictError(f"cannot read image {skipped[0][0]}: {skipped[0][1]} (--strict)")
+    clusterer = load(run_dir, device=device)
+    rows: list[tuple[str, int, float]] = []
+    done = 0
+    for arrays, failures in iter_decoded(paths, clusterer.size, batch_size):
+        batch_paths = paths[done:done + len(arrays)]
+        done += len(arrays)
+        for i, reason in sorted(failures.items()):
+            if strict:
+                raise PredictError(f"cannot read image {batch_paths[i]}: {reason} (--strict)")
+            skipped.append((str(batch_paths[i]), reason))
+        good = [i for i in range(len(arrays)) if i not in failures]
+        if not good:
+            continue
+        probs = clusterer.predict_arrays(arrays[good])
+        rows += [(str(batch_paths[i]), int(p.argmax()), float(p.max())) for i, p in zip(good, probs)]
+    for name, reason in skipped:
+        log.warning("skipped %s: %s", name, reason)
+    if not rows:
+        raise PredictError(f"no readable image among the {len(inputs)} inputs "
+                           f"({len(skipped)} skipped)")
+    handle = open(csv_path, "w", newline="", encoding="utf-8") if csv_path else sys.stdout
+    try:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "cluster", "confidence"])
+        for name, cluster, confidence in rows:
+            writer.writerow([name, cluster, f"{confidence:.6f}"])
+    finally:
+        if csv_path:
+            handle.close()
+    log.info("predict: %d images assigned with the %s model of %s, %d skipped%s", len(rows),
+             clusterer.stage, run_dir, len(skipped), f"; wrote {csv_path}" if csv_path else "")
+    return 0

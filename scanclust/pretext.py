@@ -80,6 +80,8 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
     model = build_contrastive_model(cfg)
     if cfg.pretext.method == "weights":
         return _from_weights(cfg, run, model)
+    if cfg.pretext.method == "pretrained":
+        return _from_library(cfg, run, model)
 
     dataset = build_dataset(cfg.data, "pretext")
     pc = cfg.pretext
@@ -139,6 +141,22 @@ def _from_weights(cfg: Config, run, model: ContrastiveModel) -> dict[str, Any]:
     return summary
 
 
+def _from_library(cfg: Config, run, model: ContrastiveModel) -> dict[str, Any]:
+    """The backbone's pretrained weights from torchvision or timm (their caches, their
+    downloads); the projection head stays random and unused (mining reads the backbone)."""
+    from scanclust.models.pretrained import load_pretrained
+
+    start = time.perf_counter()
+    load_pretrained(model.backbone, cfg.model.backbone)
+    save_checkpoint(run.checkpoint(STAGE), STAGE, {
+        "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "config": cfg.to_dict(),
+        "has_head": False, "weights": f"pretrained:{cfg.model.backbone}"})
+    summary = {"seconds": time.perf_counter() - start, "epochs": 0,
+               "weights": f"pretrained:{cfg.model.backbone}"}
+    run.finish(STAGE, summary)
+    return summary
+
+
 _PREFIXES = ("module.", "encoder_q.", "encoder.", "backbone.", "model.")
 
 
@@ -152,7 +170,12 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"pretext.weights={path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # the Hugging Face hub's format (timm models)
+            from safetensors.torch import load_file
+
+            payload = load_file(path)
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read pretext.weights={path}: "
                               f"{str(err).splitlines()[0]}") from None

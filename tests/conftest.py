@@ -7,6 +7,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PER_CLASS = {"train": 30, "test": 10}
@@ -53,3 +54,53 @@ def cifar_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+
+
+XSS_NAME = "<img src=x onerror=alert(1)>.png"
+
+
+def write_digit_folder(root: Path, per_class: int = 20, classes: tuple[int, ...] = (0, 1, 7),
+                       nested: bool = True) -> list[str]:
+    """scikit-learn digits as 16x16 PNGs under ``root`` (flat or in subfolders), with the odd
+    files a real folder has: a broken JPEG, a macOS ``._`` file, an SVG, a text file, and
+    names with spaces, accents and HTML. Returns the readable images' relative paths."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    readable = []
+    for label in classes:
+        picks = np.flatnonzero(digits.target == label)[:per_class]
+        for j, i in enumerate(picks):
+            image = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8))
+            name = f"{label}_{j:02d}.png"
+            if j == 0:
+                name = {0: XSS_NAME, 1: "naïve été.png", 7: "with space.PNG"}.get(label, name)
+            folder = root / f"d{label}" / ("deep" if j % 2 else "") if nested else root
+            folder.mkdir(parents=True, exist_ok=True)
+            image.resize((16, 16)).save(folder / name)
+            readable.append((folder / name).relative_to(root).as_posix())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "._0_00.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "drawing.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (root / "notes.txt").write_text("not an image")
+    return sorted(readable)
+
+
+# A folder run at toy scale for the cluster/report/predict tests: seconds on a CPU.
+CLUSTER_TINY = ["pretext.epochs=3", "scan.epochs=3", "selflabel.epochs=2", "progress=false",
+                "selflabel.threshold=0.3", "evaluate.kmeans_restarts=1", "model.width=8"]
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    """(folder, run directory, readable relative paths) of one ``scanclust cluster`` run with
+    --clusters auto and --export symlink on a nested digits folder with odd files."""
+    from scanclust.cluster import cluster
+
+    base = tmp_path_factory.mktemp("folder-run")
+    folder, out = base / "photos", base / "run"
+    readable = write_digit_folder(folder)
+    cluster(folder, out, clusters="auto", k_range="2:4", preset="quick", export="symlink",
+            overrides=CLUSTER_TINY)
+    return folder, out, readable

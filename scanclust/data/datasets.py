@@ -9,6 +9,7 @@ that evaluation can skip it instead of every caller special-casing unlabeled dat
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +20,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from scanclust.config import DataConfig
+from scanclust.data.cache import decoded_images
+from scanclust.data.images import (READABLE_EXTENSIONS, ImageReadError, Listing, list_images,
+                                   open_image)
 from scanclust.errors import UserError
 
 UNLABELED = -1
 SPLITS = ("train", "val", "pretext")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = READABLE_EXTENSIONS
+log = logging.getLogger("scanclust")
 IMAGENET_SUBSETS = ("imagenet_50", "imagenet_100", "imagenet_200")
 
 
@@ -144,16 +149,45 @@ class FileDataset(ImageDataset):
         return _decode_all(tuple(self.paths), size, self.name, progress)
 
 
-def _open_rgb(path: Path) -> Image.Image:
+class FolderDataset(ArrayDataset):
+    """A user's folder, decoded once into a uint8 array (see ``data/cache.py``).
+
+    ``paths`` are the readable images, in the order of the array; ``skipped`` lists every file
+    that was found but cannot be used, with the reason, for the run's ``skipped.txt``.
+    """
+
+    def __init__(self, name: str, images: np.ndarray, paths: list[Path], root: Path,
+                 targets: np.ndarray, classes: list[str] | None,
+                 skipped: list[tuple[Path, str]], transform: Callable | None = None) -> None:
+        super().__init__(name, images, targets, classes, transform)
+        if len(paths) != len(images):
+            raise DatasetError(f"{name}: {len(paths)} files but {len(images)} decoded images")
+        self.paths = [Path(p) for p in paths]
+        self.root = Path(root)
+        self.skipped = skipped
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def relative(self, i: int) -> str:
+        """The path of image ``i`` relative to the folder, with forward slashes."""
+        return self.paths[i].relative_to(self.root).as_posix()
+
+    def subset(self, indices: np.ndarray) -> FolderDataset:
+        return FolderDataset(self.name, self.images[indices], [self.paths[i] for i in indices],
+                             self.root, self.targets[indices], self.classes, self.skipped,
+                             self.transform)
+
+
+def _open_rgb(path: Path, size: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+        return open_image(path, size)
+    except ImageReadError as err:
         raise DatasetError(f"cannot read image {path}: {err}") from None
 
 
 def _decode_one(path: Path, size: int | None) -> np.ndarray:
-    image = _open_rgb(path)
+    image = _open_rgb(path, size)
     if size is not None:
         image = TF.center_crop(TF.resize(image, [size]), [size, size])
     return np.array(image)  # writable: torch.from_numpy warns on read-only arrays
@@ -286,17 +320,9 @@ def _stl10(cfg: DataConfig, split: str) -> ArrayDataset:
                         list(classes) if classes is not None else None)
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _images_under(folder: Path) -> list[Path]:
-    """All image files below ``folder``, sorted; hidden folders (.ipynb_checkpoints) are skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames if _is_image(f) and not f.startswith(".")]
-    return sorted(found)
+    """All readable image files below ``folder``, sorted (see ``images.list_images``)."""
+    return list_images(folder).paths
 
 
 def _imagenet(cfg: DataConfig, split: str) -> FileDataset:
@@ -345,42 +371,49 @@ def _subset_classes(name: str) -> tuple[list[str], list[str]]:
     return [r[0] for r in rows], [r[1] if len(r) > 1 else r[0] for r in rows]
 
 
-def _scan_folder(folder: Path, key: str) -> tuple[list[Path], list[str] | None, list[int]]:
-    """Paths, class names and per-image class positions of a user's folder.
+def _scan_folder(folder: Path, key: str, labels_from_folders: bool
+                 ) -> tuple[Listing, list[str] | None, list[int]]:
+    """The listing, class names and per-image class positions of a user's folder.
 
-    A folder whose subfolders hold images is a labelled tree (one class per immediate subfolder,
-    sorted by name); otherwise it is a flat, unlabelled folder of images.
+    With ``labels_from_folders`` a folder whose subfolders hold images is a labelled tree (one
+    class per immediate subfolder, sorted by name, images anywhere below it); a flat folder is
+    unlabelled either way. Without it every image below the folder is one unlabelled pool.
     """
     if not folder.exists():
         raise DatasetError(f"{key}={folder} does not exist")
     if not folder.is_dir():
         raise DatasetError(f"{key}={folder} is not a folder")
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    loose = [Path(e.path) for e in entries if e.is_file() and _is_image(e.name)]
-    per_class = {e.name: _images_under(Path(e.path)) for e in entries
-                 if e.is_dir() and not e.name.startswith(".")}
-    per_class = {name: images for name, images in per_class.items() if images}
-    if not per_class:
-        if not loose:
-            raise DatasetError(f"{key}={folder} contains no images (looked for "
-                               f"{', '.join(IMAGE_EXTENSIONS)})")
-        return loose, None, [UNLABELED] * len(loose)
+    try:
+        listing = list_images(folder)
+    except ImageReadError as err:
+        raise DatasetError(f"{key}={folder}: {err}") from None
+    if not listing.paths:
+        found = f"; {len(listing.skipped)} files could not be used (first: " \
+                f"{listing.skipped[0][0]}: {listing.skipped[0][1]})" if listing.skipped else ""
+        raise DatasetError(f"{key}={folder} contains no images (looked for "
+                           f"{', '.join(IMAGE_EXTENSIONS)} in it and its subfolders){found}")
+    parts = [path.relative_to(folder).parts for path in listing.paths]
+    nested = [p for p in parts if len(p) > 1]
+    if not labels_from_folders or not nested:
+        return listing, None, [UNLABELED] * len(listing.paths)
+    loose = [path for path, p in zip(listing.paths, parts) if len(p) == 1]
     if loose:
         # in a class tree a top-level image has no class; dropping it silently would hide data
         raise DatasetError(f"{key}={folder} has class folders but also {len(loose)} images "
                            f"outside them (e.g. {loose[0]}); move them into a class folder")
-    classes = list(per_class)
-    paths = [p for images in per_class.values() for p in images]
-    labels = [c for c, images in enumerate(per_class.values()) for _ in images]
-    return paths, classes, labels
+    classes = sorted({p[0] for p in parts})
+    position = {name: k for k, name in enumerate(classes)}
+    return listing, classes, [position[p[0]] for p in parts]
 
 
-def _folder(cfg: DataConfig, split: str) -> FileDataset:
+def _folder(cfg: DataConfig, split: str) -> FolderDataset:
     """A user's folder: ``data.root`` is train (and pretext); ``data.val_root`` or, without it,
     the same images again are val, because practitioners usually cluster their whole folder."""
-    paths, classes, labels = _scan_folder(Path(cfg.root), "data.root")
+    listing, classes, labels = _scan_folder(Path(cfg.root), "data.root", cfg.labels_from_folders)
+    key = "data.root"
     if split == "val" and cfg.val_root is not None:
-        val_paths, val_classes, val_labels = _scan_folder(Path(cfg.val_root), "data.val_root")
+        val_listing, val_classes, val_labels = _scan_folder(Path(cfg.val_root), "data.val_root",
+                                                            cfg.labels_from_folders)
         if classes is not None and val_classes is not None:
             unknown = [c for c in val_classes if c not in classes]
             if unknown:
@@ -388,8 +421,46 @@ def _folder(cfg: DataConfig, split: str) -> FileDataset:
                                    f"that data.root={cfg.root} lacks")
             position = {name: k for k, name in enumerate(classes)}
             val_labels = [position[val_classes[c]] for c in val_labels]
-        paths, classes, labels = val_paths, classes or val_classes, val_labels
-    return FileDataset(f"folder/{split}", paths, np.array(labels), classes)
+        listing, classes, labels, key = val_listing, classes or val_classes, val_labels, \
+            "data.val_root"
+    paths = listing.paths
+    targets = np.array(labels, dtype=np.int64)
+    if cfg.max_images is not None and len(paths) > cfg.max_images:
+        # before decoding, so a smoke test on a large folder decodes only what it uses
+        keep = np.linspace(0, len(paths) - 1, cfg.max_images).round().astype(np.int64)
+        paths, targets = [paths[i] for i in keep], targets[keep]
+    size = cfg.resize or cfg.image_size
+    images, failures = decoded_images(paths, size, cfg.cache_dir, desc=f"decoding {key}")
+    skipped = listing.skipped + [(paths[i], reason) for i, reason in sorted(failures.items())]
+    if skipped and cfg.strict:
+        path, reason = skipped[0]
+        raise DatasetError(f"cannot read image {path}: {reason} (data.strict=true; "
+                           f"{len(skipped)} unreadable files in all)")
+    if failures:
+        _warn_skipped(key, [(paths[i], r) for i, r in sorted(failures.items())], len(skipped))
+        keep = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
+        paths, targets = [paths[i] for i in keep], targets[keep]
+    if not paths:
+        raise DatasetError(f"{key}={listing.root}: none of its {len(listing.paths)} image files "
+                           f"could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+    return FolderDataset(f"folder/{split}", images, paths, listing.root, targets, classes,
+                         skipped)
+
+
+_WARNED: set[tuple[str, int]] = set()  # (folder, count): warn once per process, not per stage
+
+
+def _warn_skipped(key: str, failures: list[tuple[Path, str]], total: int) -> None:
+    """One warning per unreadable file (the first 10), once per process and folder."""
+    marker = (str(failures[0][0].parent), len(failures))
+    if marker in _WARNED:
+        return
+    _WARNED.add(marker)
+    for path, reason in failures[:10]:
+        log.warning("skipped %s: %s", path, reason)
+    if len(failures) > 10:
+        log.warning("... and %d more unreadable files", len(failures) - 10)
+    log.warning("%s: %d files skipped in all (data.strict=true stops instead)", key, total)
 
 
 def _digits(cfg: DataConfig, split: str) -> ArrayDataset:

@@ -36,7 +36,9 @@ def build_backbone(name: str, width: int = 32) -> nn.Module:
         return _strip_classifier(resnet50(weights=None), 2048)
     if name == "resnet_tiny":
         return TinyResNet(width)
-    raise ValueError(f"unknown backbone {name!r}")
+    from scanclust.models.pretrained import library_backbone  # torchvision and timm: by name
+
+    return library_backbone(name)
 
 
 def _strip_classifier(net: nn.Module, out_dim: int) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from scanclust.config import DataConfig
-from scanclust.data.datasets import (UNLABELED, ArrayDataset, DatasetError, FileDataset,
+from scanclust.data.datasets import (UNLABELED, ArrayDataset, DatasetError, FolderDataset,
                                      build_dataset, cifar100_coarse_labels, num_classes)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -32,7 +32,7 @@ def _write_images(folder: Path, names: list[str], size: tuple[int, int] = (8, 6)
 
 def test_class_folder_of_real_images(cifar_jpeg: Path) -> None:
     ds = build_dataset(_cfg(dataset="folder", root=str(cifar_jpeg / "train")), "train")
-    assert isinstance(ds, FileDataset)
+    assert isinstance(ds, FolderDataset)
     assert len(ds) == 300 and ds.classes == CIFAR10_CLASSES and num_classes(ds) == 10
     assert ds.has_labels and np.bincount(ds.targets).tolist() == [30] * 10
     image, index, label = ds[45]
@@ -85,14 +85,17 @@ def test_as_uint8_equals_pil_decode(cifar_jpeg: Path) -> None:
     assert ds.as_uint8(size=16, progress=False).shape == (100, 3, 16, 16)
 
 
-def test_as_uint8_mixed_sizes(tmp_path: Path) -> None:
+def test_mixed_sizes_become_squares_of_the_image_size(tmp_path: Path) -> None:
     _write_images(tmp_path, ["a.png"], size=(8, 6))
     _write_images(tmp_path, ["b.png"], size=(5, 9))
-    ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path)), "train")
-    with pytest.raises(DatasetError, match="b.png"):
-        ds.as_uint8(progress=False)
     # shorter side to 4, then a centred 4x4 crop
-    assert ds.as_uint8(size=4, progress=False).shape == (2, 3, 4, 4)
+    ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path), image_size=4), "train")
+    assert ds.as_uint8(progress=False).shape == (2, 3, 4, 4)
+    assert ds[1][0].size == (4, 4)
+    # data.resize, when set, is the stored size (the eval view crops image_size from it)
+    ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path), image_size=4, resize=5),
+                       "train")
+    assert ds.images.shape == (2, 5, 5, 3)
 
 
 def test_flat_folder_is_unlabeled(tmp_path: Path) -> None:
@@ -125,14 +128,37 @@ def test_folder_errors(tmp_path: Path) -> None:
                       "val")
 
 
-def test_corrupt_image_names_its_path(tmp_path: Path) -> None:
-    _write_images(tmp_path, ["good.png"])
+def test_corrupt_image_skipped_and_listed_or_strict(tmp_path: Path) -> None:
+    _write_images(tmp_path, ["good.png", "z.png"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(np.random.default_rng(0).bytes(300))
-    ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path)), "train")
-    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
-        ds[0]
-    assert ds[1][0].size == (8, 6)
+    ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path), image_size=6), "train")
+    assert [p.name for p in ds.paths] == ["good.png", "z.png"] and len(ds.images) == 2
+    assert [(p.name, "identify" in r) for p, r in ds.skipped] == [("bad.jpg", True)]
+    # the readable images keep their own pixels after the unreadable one is dropped
+    assert ds[1][0].getpixel((0, 0)) == (40, 10, 200)
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}: .*data.strict=true"):
+        build_dataset(_cfg(dataset="folder", root=str(tmp_path), image_size=6, strict=True),
+                      "train")
+    for name in ("good.png", "z.png"):
+        (tmp_path / name).unlink()
+    with pytest.raises(DatasetError, match="none of its 1 image files could be read"):
+        build_dataset(_cfg(dataset="folder", root=str(tmp_path), image_size=6), "train")
+
+
+def test_nested_folder_without_labels_and_disk_cache(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    _write_images(root / "2024" / "may", ["a.png"])
+    _write_images(root / "2023", ["b.png", "c.png"])
+    cfg = _cfg(dataset="folder", root=str(root), image_size=4, labels_from_folders=False,
+               cache_dir=str(tmp_path / "cache"))
+    ds = build_dataset(cfg, "train")
+    assert [ds.relative(i) for i in range(3)] == ["2023/b.png", "2023/c.png", "2024/may/a.png"]
+    assert not ds.has_labels and ds.classes is None
+    assert isinstance(ds.images, np.memmap)
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".npy"]
+    labelled = build_dataset(_cfg(dataset="folder", root=str(root), image_size=4), "train")
+    assert labelled.classes == ["2023", "2024"] and labelled.targets.tolist() == [0, 0, 1]
 
 
 def test_digits_split() -> None:

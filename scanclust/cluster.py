@@ -1,0 +1,285 @@
+"""``scanclust cluster FOLDER``: from a folder of images to browsable clusters, no YAML.
+
+The command looks at the folder (how many images, how large) and the device, writes a config
+from a preset, and runs the same stage functions as ``scanclust run`` into the same kind of run
+directory (so ``--resume``, ``--force`` and ``section.key=value`` overrides work as there),
+then writes the report (``report.py``). With ``--clusters auto`` the number of clusters is
+chosen after mining, on the mined features (``choose_k.py``).
+
+Presets (measured figures in ``benchmarks/RESULTS.md``):
+
+- ``cpu``: a laptop. From scratch: a tiny ResNet at up to 32 px, a SimCLR schedule of about
+  150,000 augmented pairs, then SCAN and self-label heads on cached features of the frozen
+  backbone (5 augmented views).
+- ``gpu``: ResNet-18 at up to 96 px and about 4x the schedule.
+- ``quick``: a smoke test of a folder in seconds (results are not meaningful).
+- ``auto`` (default): ``gpu`` when CUDA is present, else ``cpu``.
+
+With a pretrained backbone (``--backbone resnet50``, ``timm:NAME``, or a weights file) there
+is no pretext training: the backbone is frozen, mining uses its features, and SCAN and
+self-label train heads on cached features of a few augmented views (``cached_views``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scanclust.config import Config, ConfigError, load_config
+from scanclust.data.images import ImageReadError, list_images
+
+log = logging.getLogger("scanclust")
+
+PRESETS = ("auto", "cpu", "gpu", "quick")
+DEFAULT_K_MAX = 20
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# Per preset: the largest image side trained on from scratch, the scratch backbone, and the
+# number of training samples per stage (epochs = samples / images, within the bounds).
+SCRATCH = {
+    "cpu": {"max_side": 32, "backbone": "resnet_tiny", "width": 16, "pretext": 150_000,
+            "scan": 60_000, "selflabel": 30_000, "batch": 256},
+    "gpu": {"max_side": 96, "backbone": "resnet18", "width": 32, "pretext": 2_000_000,
+            "scan": 400_000, "selflabel": 200_000, "batch": 512},
+    "quick": {"max_side": 16, "backbone": "resnet_tiny", "width": 8, "pretext": 2,
+              "scan": 2, "selflabel": 1, "batch": 64},
+}
+EPOCH_BOUNDS = {"pretext": (10, 500), "scan": (5, 100), "selflabel": (3, 50)}
+CACHED_VIEWS = {"cpu": 2, "gpu": 10, "quick": 1}
+
+
+def inspect_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
+    """(number of images, median shorter side of up to ``sample`` of them, from headers)."""
+    from PIL import Image
+
+    listing = list_images(folder)
+    paths = listing.paths
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return len(paths), int(np.median(sides)) if sides else 0
+
+
+def _epochs(samples: int, images: int, bounds: tuple[int, int], quick: bool) -> int:
+    if quick:
+        return samples
+    return int(min(max(math.ceil(samples / max(images, 1)), bounds[0]), bounds[1]))
+
+
+def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
+    """The config (dotted keys) for ``images`` images of median shorter side ``side``.
+
+    From scratch, the image size is the data's own up to the preset's maximum (a 32 px CIFAR
+    image is not enlarged; a 4000 px photo is trained on at 32 px on a CPU) and the epochs
+    follow a sample budget, so a larger folder gets fewer, longer epochs in about the same time.
+    """
+    quick = preset == "quick"
+    recipe = SCRATCH[preset]
+    s = {"name": "cluster", "amp": preset != "cpu", "progress": True,
+         "data.dataset": "folder", "data.download": False, "data.val_root": None,
+         "data.max_images": None, "data.num_workers": 0 if preset != "gpu" else 8,
+         "data.mean": IMAGENET_MEAN, "data.std": IMAGENET_STD,
+         "mine.topk": 20, "mine.features": "backbone",
+         "evaluate.kmeans_restarts": 3, "evaluate.figures": True}
+    if backbone == "scratch":
+        size = max(8, min(side or recipe["max_side"], recipe["max_side"]))
+        name = recipe["backbone"]
+        if name == "resnet18":
+            name = "resnet18_cifar" if size <= 64 else "resnet18_stl"
+        batch = recipe["batch"]
+        s.update({
+            "data.image_size": size, "data.resize": None,
+            "augment.strong.cutout": max(1, size // 2),
+            "model.backbone": name, "model.width": recipe["width"],
+            "pretext.method": "simclr", "pretext.weights": None,
+            "pretext.epochs": _epochs(recipe["pretext"], images, EPOCH_BOUNDS["pretext"], quick),
+            "pretext.batch_size": batch, "pretext.temperature": 0.1,
+            "pretext.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4,
+                              "schedule": "cosine", "final_lr_factor": 1e-3},
+            "scan.epochs": _epochs(recipe["scan"], images, EPOCH_BOUNDS["scan"], quick),
+            "scan.batch_size": batch, "scan.num_heads": 5, "scan.num_neighbors": 10,
+            "scan.update_backbone": True, "scan.cached_views": 0, "scan.augment": "strong",
+            "scan.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4,
+                           "schedule": "constant"},
+            "selflabel.epochs": _epochs(recipe["selflabel"], images, EPOCH_BOUNDS["selflabel"],
+                                        quick),
+            "selflabel.batch_size": 2 * batch, "selflabel.update_backbone": True,
+            "selflabel.cached_views": 0, "selflabel.augment": "strong",
+            "selflabel.optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4,
+                                "schedule": "constant"},
+        })
+        if preset == "cpu":
+            # Measured on 3,000 CIFAR-10 JPEGs (benchmarks/RESULTS.md): SCAN heads on cached
+            # features of the frozen SimCLR backbone beat fine-tuning the whole network
+            # (Hungarian ACC 0.263 vs 0.244) at a fraction of the time on a CPU.
+            s.update({"scan.update_backbone": False, "scan.cached_views": 5, "scan.epochs": 50,
+                      "selflabel.update_backbone": False, "selflabel.cached_views": 5,
+                      "selflabel.epochs": 20})
+        return s
+    views = CACHED_VIEWS[preset]
+    s.update({
+        "pretext.epochs": 0,
+        "scan.epochs": 2 if quick else 100, "scan.batch_size": 256, "scan.num_heads": 10,
+        "scan.num_neighbors": None, "scan.update_backbone": False, "scan.cached_views": views,
+        "scan.augment": "simclr",
+        "scan.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"},
+        "selflabel.epochs": 1 if quick else 25, "selflabel.batch_size": 256,
+        "selflabel.update_backbone": False, "selflabel.cached_views": views,
+        "selflabel.augment": "strong",
+        "selflabel.optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4,
+                            "schedule": "constant"},
+    })
+    path = Path(backbone)
+    if path.is_file() or path.suffix in (".pt", ".pth", ".tar", ".bin", ".safetensors"):
+        # a local weights file: the architecture is model.backbone (resnet50 unless overridden)
+        s.update({"pretext.method": "weights", "pretext.weights": str(path.resolve()),
+                  "model.backbone": "resnet50", "data.image_size": 224, "data.resize": 256})
+        return s
+    from scanclust.models.pretrained import input_settings
+
+    s.update({"pretext.method": "pretrained", "pretext.weights": None,
+              "model.backbone": backbone})
+    settings = input_settings(backbone)
+    s.update({f"data.{k}": v for k, v in settings.items()})
+    return s
+
+
+def resolve_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    if preset != "auto":
+        return preset
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def parse_clusters(value: str | int | None) -> int | str | None:
+    """``--clusters``: a number of at least 2, ``auto``, or None (auto, or the number of
+    subfolders with --labels-from-folders)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--clusters {value!r} is neither a number nor auto") from None
+    if k < 2:
+        raise ConfigError(f"--clusters {k}: needs at least 2 clusters")
+    return k
+
+
+def parse_k_range(value: str | None, images: int) -> list[int]:
+    """``LO:HI`` (inclusive); the default 2:20 is capped at an average of 10 images a cluster."""
+    if value is None:
+        return list(range(2, max(3, min(DEFAULT_K_MAX, images // 10)) + 1))
+    lo, sep, hi = str(value).partition(":")
+    try:
+        ks = list(range(int(lo), int(hi) + 1)) if sep else []
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 2:
+        raise ConfigError(f"--k-range {value!r}: expected LO:HI with 2 <= LO <= HI, e.g. 2:20")
+    return ks
+
+
+def cluster(folder: str | Path, out: str | Path | None = None, *,
+            clusters: int | str | None = None, backbone: str = "scratch",
+            preset: str = "auto", labels_from_folders: bool = False, strict: bool = False,
+            export: str | None = None, k_range: str | None = None,
+            criterion: str = "modularity",
+            overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+            force: bool = False) -> dict[str, Any]:
+    """Cluster the images of ``folder`` into ``out``; returns the report summary."""
+    from scanclust.choose_k import CRITERIA
+    from scanclust.report import EXPORT_MODES
+
+    started = time.perf_counter()
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"FOLDER {folder} is not a folder" if folder.exists()
+                          else f"FOLDER {folder} does not exist")
+    out = Path(out) if out is not None else Path("runs") / (folder.resolve().name or "folder")
+    if out.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(f"--out {out} is inside FOLDER {folder}; its exported copies would be "
+                          f"clustered next time: choose a run directory outside it")
+    clusters = parse_clusters(clusters)
+    if export is not None and export not in EXPORT_MODES:
+        raise ConfigError(f"--export {export!r} is not one of {', '.join(EXPORT_MODES)}")
+    if criterion not in CRITERIA:
+        raise ConfigError(f"--criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+    preset = resolve_preset(preset)
+    try:
+        images, side = inspect_folder(folder)
+    except ImageReadError as err:
+        raise ConfigError(f"FOLDER {folder}: {err}") from None
+    if images == 0:
+        raise ConfigError(f"FOLDER {folder} contains no images (nor do its subfolders)")
+    settings = plan(preset, backbone, images, side)
+    settings.update({"data.root": str(folder.resolve()),
+                     "data.labels_from_folders": labels_from_folders, "data.strict": strict,
+                     "data.cache_dir": str((out / "cache").resolve()),
+                     "model.num_clusters": clusters if isinstance(clusters, int) else None})
+    if preset == "cpu":
+        settings["device"] = "cpu"
+    cfg = load_config(load_config(None, settings), overrides)
+    ks = parse_k_range(k_range, images)
+    log.info("cluster: %d images (median side %d px) in %s; preset %s, backbone %s at %d px; "
+             "epochs pretext %d, scan %d, selflabel %d; run directory %s", images, side, folder,
+             preset, cfg.model.backbone, cfg.data.image_size, cfg.pretext.epochs,
+             cfg.scan.epochs, cfg.selflabel.epochs, out)
+    return run_cluster(cfg, out, clusters=clusters, ks=ks, criterion=criterion, export=export,
+                       resume=resume, force=force, started=started)
+
+
+def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[int],
+                criterion: str, export: str | None, resume: bool, force: bool,
+                started: float) -> dict[str, Any]:
+    """The stages of ``scanclust run``, K chosen between mine and SCAN when asked, then the
+    report."""
+    from scanclust.pipeline import STAGE_FUNCTIONS
+    from scanclust.report import report
+
+    auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)
+    for name, stage in STAGE_FUNCTIONS.items():
+        if name == "scan" and auto:
+            cfg = load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,
+                                                                          criterion, force)})
+        t = time.perf_counter()
+        stage(cfg, out, resume=resume, force=force)
+        log.info("%s finished in %.1f s", name, time.perf_counter() - t)
+    summary = report(cfg, out, export=export)
+    summary["total_seconds"] = time.perf_counter() - started
+    log.info("cluster: done in %.1f s; open %s", summary["total_seconds"],
+             Path(out) / "report.html")
+    return summary
+
+
+def choose_clusters(cfg: Config, out: Path, ks: list[int], criterion: str, force: bool) -> int:
+    """K from the mined train features; kept in ``choose_k.json`` so a resumed run keeps it."""
+    from scanclust.choose_k import plot_curve, score_partitions
+    from scanclust.rundir import RunDir, read_json, write_json
+
+    run = RunDir(out)
+    record = run.root / "choose_k.json"
+    if record.is_file() and not force:
+        saved = read_json(record)
+        if saved.get("ks") == ks and saved.get("criterion") == criterion:
+            log.info("cluster: K = %d (chosen earlier, %s)", saved["k"], record)
+            return int(saved["k"])
+    t = time.perf_counter()
+    choice = score_partitions(np.load(run.features("train")), ks, criterion, seed=cfg.seed)
+    write_json(record, choice.to_dict())
+    plot_curve(choice, run.root / "choose_k.png")
+    log.info("cluster: K = %d by %s over K = %d..%d (%.1f s; curve in %s)", choice.k,
+             criterion, ks[0], ks[-1], time.perf_counter() - t, run.root / "choose_k.png")
+    return choice.k

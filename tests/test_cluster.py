@@ -1,0 +1,131 @@
+"""``scanclust cluster``: planning from the data, the run on a real-looking folder, resume,
+export, and the errors a new user meets first."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from scanclust.cli import main
+from scanclust.cluster import cluster, parse_clusters, parse_k_range, plan
+from scanclust.config import ConfigError, load_config
+from tests.conftest import CLUSTER_TINY, write_digit_folder
+
+
+def test_plan_scales_with_the_data() -> None:
+    small = plan("cpu", "scratch", images=3000, side=32)
+    assert small["data.image_size"] == 32 and small["model.backbone"] == "resnet_tiny"
+    assert small["pretext.epochs"] == 50  # 150,000 samples / 3,000 images
+    assert small["scan.cached_views"] == 5 and small["scan.update_backbone"] is False
+    assert small["scan.epochs"] == 50 and small["selflabel.epochs"] == 20
+    photos = plan("cpu", "scratch", images=100_000, side=3000)
+    assert photos["data.image_size"] == 32 and photos["pretext.epochs"] == 10  # lower bound
+    tiny = plan("cpu", "scratch", images=200, side=12)
+    assert tiny["data.image_size"] == 12 and tiny["pretext.epochs"] == 500  # upper bound
+    gpu = plan("gpu", "scratch", images=5000, side=96)
+    assert gpu["model.backbone"] == "resnet18_stl" and gpu["data.image_size"] == 96
+    assert gpu["scan.update_backbone"] is True and gpu["scan.epochs"] == 80
+    for settings in (small, photos, tiny, gpu):
+        load_config(None, settings)  # every plan is a valid config
+
+
+def test_plan_for_pretrained_backbones(tmp_path: Path) -> None:
+    tv = plan("cpu", "resnet50", images=3000, side=400)
+    assert tv["pretext.method"] == "pretrained" and tv["model.backbone"] == "resnet50"
+    assert tv["data.image_size"] == 224 and tv["scan.update_backbone"] is False
+    assert tv["scan.cached_views"] == 2 and tv["selflabel.cached_views"] == 2
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    local = plan("gpu", str(weights), images=3000, side=400)
+    assert local["pretext.method"] == "weights" and local["pretext.weights"] == str(weights)
+    for settings in (tv, local):
+        load_config(None, settings)
+
+
+def test_argument_errors() -> None:
+    assert parse_clusters("7") == 7 and parse_clusters("auto") == "auto"
+    with pytest.raises(ConfigError, match="--clusters 'many'"):
+        parse_clusters("many")
+    with pytest.raises(ConfigError, match="at least 2"):
+        parse_clusters("1")
+    assert parse_k_range("3:5", 1000) == [3, 4, 5]
+    assert parse_k_range(None, 1000) == list(range(2, 21))
+    assert parse_k_range(None, 60) == [2, 3, 4, 5, 6]  # about 10 images per cluster at most
+    with pytest.raises(ConfigError, match="--k-range"):
+        parse_k_range("5", 1000)
+
+
+def test_outputs_of_a_folder_run(folder_run: tuple[Path, Path, list[str]]) -> None:
+    folder, out, readable = folder_run
+    rows = list(csv.DictReader(open(out / "assignments.csv", encoding="utf-8")))
+    assert [r["path"] for r in rows] == readable  # every readable image, once, in order
+    assert set(rows[0]) == {"path", "cluster", "confidence", "prototype"}
+    choice = json.loads((out / "choose_k.json").read_text())
+    assert 2 <= choice["k"] <= 4 and choice["ks"] == [2, 3, 4]
+    assert (out / "choose_k.png").is_file()
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert clusters["num_clusters"] == choice["k"] and clusters["num_images"] == len(readable)
+    assert sum(c["size"] for c in clusters["clusters"]) == len(readable)
+    for c in clusters["clusters"]:
+        members = {r["path"] for r in rows if int(r["cluster"]) == c["cluster"]}
+        assert set(c["prototypes"]) <= members and len(c["prototypes"]) == min(5, len(members))
+    flagged = {r["path"] for r in rows if r["prototype"] == "true"}
+    assert flagged == {p for c in clusters["clusters"] for p in c["prototypes"]}
+    assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
+    skipped = dict(line.split("\t") for line in
+                   (out / "skipped.txt").read_text(encoding="utf-8").splitlines())
+    assert set(skipped) == {"broken.jpg", "._0_00.png", "drawing.svg"}
+    # --export symlink: a folder per cluster holding a link to every image
+    links = sorted((out / "clusters").rglob("*"))
+    files = [p for p in links if p.is_symlink()]
+    assert len(files) == len(readable)
+    assert all(Path(os.readlink(p)).is_relative_to(folder.resolve()) for p in files)
+    # the page escapes names: the HTML in a file name stays text
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page
+    assert "<img src=x" not in page and "script-src" not in page
+    assert "default-src 'none'" in page and "Choosing K" in page
+
+
+def test_resume_keeps_the_trained_stages(folder_run: tuple[Path, Path, list[str]],
+                                         tmp_path: Path) -> None:
+    folder, out, _ = folder_run
+    checkpoint = out / "scan" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    summary = cluster(folder, out, clusters="auto", k_range="2:4", preset="quick",
+                      overrides=CLUSTER_TINY, resume=True)
+    assert checkpoint.stat().st_mtime_ns == before
+    assert summary["num_images"] == 60 and summary["num_skipped"] == 3
+
+
+def test_labelled_run_reports_metrics_and_confusion(tmp_path: Path) -> None:
+    folder = tmp_path / "digits"
+    write_digit_folder(folder, per_class=12, nested=True)
+    for odd in ("broken.jpg", "._0_00.png", "drawing.svg", "notes.txt"):
+        (folder / odd).unlink()  # loose files next to class folders are refused
+    cluster(folder, tmp_path / "run", preset="quick", labels_from_folders=True,
+            overrides=CLUSTER_TINY)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 3 and "acc" in metrics["stages"]["selflabel"]
+    assert "Confusion matrix" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+
+
+def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["cluster", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "contains no images" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    write_digit_folder(tmp_path / "f", per_class=2, nested=False)
+    assert main(["cluster", str(tmp_path / "f"), "--out", str(tmp_path / "f" / "run")]) == 2
+    assert "inside FOLDER" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "f"), "--preset", "laptop"]) == 2
+    assert "--preset 'laptop'" in capsys.readouterr().err
+    assert main(["cluster", str(tmp_path / "f"), "--out", str(tmp_path / "r2"),
+                 "scan.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "scan.epochs" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,80 @@
+"""Applying a finished run to new images: the Python API's inputs and ``scanclust predict``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import scanclust
+from scanclust.cli import main
+from scanclust.data import images as I
+from scanclust.predict import PredictError
+
+
+def test_inputs_accepted_and_consistent(folder_run: tuple[Path, Path, list[str]]) -> None:
+    folder, out, readable = folder_run
+    model = scanclust.load(out)
+    paths = [folder / name for name in readable[:5]]
+    labels, probs = model.predict(paths, batch_size=2)
+    assert labels.shape == (5,) and probs.shape == (5, model.model.num_clusters)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # the run's own assignments for the same files
+    rows = {r["path"]: int(r["cluster"]) for r in csv.DictReader(open(out / "assignments.csv"))}
+    assert labels.tolist() == [rows[name] for name in readable[:5]]
+    one = model.predict(str(paths[0]))  # a bare string is one path, not five characters
+    assert one[0].tolist() == labels[:1].tolist()
+    assert model.predict(p for p in paths)[0].tolist() == labels.tolist()  # a generator
+    pixels = np.asarray(Image.open(paths[0]).convert("RGB"))  # H x W x 3 uint8
+    assert model.predict(pixels)[0].tolist() == labels[:1].tolist()
+    assert model.predict(np.stack([pixels, pixels]))[0].tolist() == labels[[0, 0]].tolist()
+    assert model.predict([Image.open(paths[1]), pixels[..., 0]])[0].shape == (2,)
+    assert model.predict([])[1].shape == (0, model.model.num_clusters)
+
+
+@pytest.mark.parametrize("bad", [None, 3, 2.5, {"a": 1}, b"a.png", [Path("a.png"), 7],
+                                 np.zeros((4, 4, 3), dtype=np.float32)])
+def test_other_inputs_are_type_errors(folder_run: tuple[Path, Path, list[str]], bad) -> None:
+    model = scanclust.load(folder_run[1])
+    with pytest.raises(TypeError, match="it takes an image path"):
+        model.predict(bad)
+
+
+def test_unreadable_and_huge_files(folder_run: tuple[Path, Path, list[str]], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = scanclust.load(folder_run[1])
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(PredictError, match=f"cannot read image {tmp_path / 'bad.png'}"):
+        model.predict([tmp_path / "bad.png"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100 x 100 stands in for 20000^2
+    monkeypatch.setattr(I, "MAX_PIXELS", 1000)
+    Image.new("RGB", (100, 100)).save(tmp_path / "huge.png")
+    with pytest.raises(PredictError, match="safety limit"):
+        model.predict(tmp_path / "huge.png")
+
+
+def test_predict_command(folder_run: tuple[Path, Path, list[str]], tmp_path: Path,
+                         capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    folder, out, readable = folder_run
+    extra = tmp_path / "new"
+    extra.mkdir()
+    Image.open(folder / readable[0]).save(extra / "copy.png")
+    (extra / "bad.jpg").write_bytes(b"nope")
+    csv_path = tmp_path / "p.csv"
+    code = main(["predict", str(out), str(folder / readable[1]), str(extra),
+                 str(tmp_path / "missing.png"), "--csv", str(csv_path), "--batch-size", "2"])
+    assert code == 0
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [Path(r["path"]).name for r in rows] == [Path(readable[1]).name, "copy.png"]
+    warned = caplog.text  # logged to stderr by the command line
+    assert "skipped" in warned and "bad.jpg" in warned and "missing.png: does not exist" in warned
+    capsys.readouterr()
+    assert main(["predict", str(out), str(extra / "copy.png")]) == 0  # CSV on stdout
+    printed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert printed[0] == ["path", "cluster", "confidence"] and len(printed) == 2
+    assert main(["predict", str(out), str(extra / "bad.jpg"), "--strict"]) == 2
+    assert "--strict" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""The report: prototypes by hand, and the page opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scanclust.report import MAX_THUMBNAILS, cluster_prototypes
+from tests.conftest import XSS_NAME
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--window-size=1280,2000"]
+
+
+def test_prototypes_are_nearest_to_the_confident_core() -> None:
+    # cluster 0: members 0-3; the 2 most confident (0, 1) average to [0.5, 0]: 0 and 1 are
+    # nearest (distance 0.5), then 2 (1.5); cluster 1 has one member
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45], [0.1, 0.9]])
+    embeddings = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [5.0, 0.0], [9.0, 9.0]])
+    assert cluster_prototypes(probs, embeddings, count=3, top=2) == {0: [0, 1, 2], 1: [4]}
+
+
+def _driver(profile: Path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium and chromium-driver (.ci/run installs them)")
+        pytest.skip("chromium or chromedriver not installed (apt-get install chromium "
+                    "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_report_in_headless_chromium(folder_run: tuple[Path, Path, list[str]],
+                                     tmp_path: Path) -> None:
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    _, out, readable = folder_run
+    driver = _driver(tmp_path / "profile")
+    try:
+        driver.get((out / "report.html").resolve().as_uri())
+        assert driver.title.startswith("scanclust")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
+        with pytest.raises(NoAlertPresentException):
+            driver.switch_to.alert  # noqa: B018 - an onerror=alert(1) would have opened one
+        assert driver.find_elements(By.CSS_SELECTOR, 'img[src="x"]') == []
+        captions = [e.get_attribute("textContent") for e in
+                    driver.find_elements(By.CSS_SELECTOR, "figcaption")]
+        assert XSS_NAME in captions  # the name is shown as text
+        rows = list(csv.DictReader(open(out / "assignments.csv", encoding="utf-8")))
+        sizes = Counter(r["cluster"] for r in rows)
+        grids = driver.find_elements(By.CSS_SELECTOR, ".grid[data-cluster]")
+        shown = {g.get_attribute("data-cluster"): len(g.find_elements(By.CSS_SELECTOR,
+                                                                       "figure.t"))
+                 for g in grids}
+        assert shown == {c: min(n, MAX_THUMBNAILS) for c, n in sizes.items()} | \
+            {c: 0 for c in shown if c not in sizes}
+        assert sum(shown.values()) == len(readable)
+        images = driver.find_elements(By.CSS_SELECTOR, ".grid[data-cluster] img")
+        assert all(driver.execute_script("return arguments[0].naturalWidth", im) > 0
+                   for im in images[:20])  # thumbnails decode
+        assert driver.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
