@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from scanclust.config import ConfigError, builtin_configs, load_config
@@ -66,16 +68,38 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    _setup_logging(getattr(args, "quiet", False))
     try:
         return _dispatch(args)
-    except (UserError, FileNotFoundError) as err:
-        print(f"scanclust: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return _fail(str(err))
+    except OSError as err:  # the file system's faults: disk full, read-only, permissions
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}"
+                     + ("; free some space, then continue with --resume"
+                        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""))
+    except (MemoryError, torch.OutOfMemoryError):
+        return _fail("out of memory; lower the batch sizes (e.g. pretext.batch_size, "
+                     "scan.batch_size, evaluate.batch_size), then continue with --resume")
     except KeyboardInterrupt:
         print("scanclust: interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print(f"scanclust: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Our messages only: the root logger stays quiet, so libraries' INFO lines (faiss's
+    'Could not load library ...' at import) do not read like failures."""
+    logger = logging.getLogger("scanclust")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -214,9 +214,10 @@ def load_config(source: str | Path | dict | Config | None = None,
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = _deep_copy(data)
-    for key, value in _parse_overrides(overrides).items():
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, prefix="", origin=origin)
+    cfg = _build(Config, data, prefix="", origin=_Origin(origin, set(parsed)))
     validate(cfg)
     return cfg
 
@@ -268,9 +269,23 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
+class _Origin:
+    """Where a key came from, for error messages: an override or the config file."""
+
+    def __init__(self, source: str, overridden: set[str]) -> None:
+        self.source = source
+        self.overridden = overridden
+
+    def of(self, key: str) -> str:
+        if key in self.overridden or any(key.startswith(f"{o}.") for o in self.overridden):
+            return "the overrides"
+        return self.source
+
+
+def _build(cls: type, data: Any, prefix: str, origin: _Origin) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} in {origin}: "
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} in "
+                          f"{origin.of(prefix.rstrip('.'))}: "
                           f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -279,7 +294,8 @@ def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(names)}"
-        raise ConfigError(f"unknown config key '{prefix}{key}' in {origin}{hint}")
+        raise ConfigError(f"unknown config key '{prefix}{key}' in "
+                          f"{origin.of(f'{prefix}{key}')}{hint}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -288,7 +304,7 @@ def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origin: _Origin) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=f"{key}.", origin=origin)
     origin_tp = typing.get_origin(tp)
@@ -335,9 +351,10 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     return value
 
 
-def _type_error(key: str, tp: Any, value: Any, origin: str) -> ConfigError:
+def _type_error(key: str, tp: Any, value: Any, origin: _Origin) -> ConfigError:
     name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-    return ConfigError(f"config key '{key}' in {origin}: expected {name}, got {value!r}")
+    return ConfigError(f"config key '{key}' in {origin.of(key.split('[')[0])}: expected {name}, "
+                       f"got {value!r}")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -351,6 +368,7 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
+    _require(0 <= cfg.seed < 2**32, "seed", f"{cfg.seed} is outside 0 .. 2**32 - 1")
     _choice(cfg.data.dataset, "data.dataset", DATASETS)
     _choice(cfg.model.backbone, "model.backbone", BACKBONES)
     _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -376,6 +394,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg.pretext.method, "pretext.method", ("simclr", "weights"))
     _require(cfg.pretext.method != "weights" or bool(cfg.pretext.weights), "pretext.weights",
              "pretext.method=weights needs a weights file")
+    _require(cfg.pretext.weights is None or cfg.pretext.method == "weights", "pretext.weights",
+             "is set, but pretext.method=simclr trains from scratch and would ignore it; set "
+             "pretext.method=weights to start from the file, or pretext.weights=null")
     _require(cfg.pretext.temperature > 0, "pretext.temperature", "must be positive")
     _require(cfg.mine.topk >= 1, "mine.topk", "must be >= 1")
     _choice(cfg.mine.features, "mine.features", ("head", "backbone"))
