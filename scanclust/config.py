@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -334,13 +335,16 @@ def _coerce(tp: Any, value: Any, key: str, origin: _Origin) -> Any:
             return value
         raise _type_error(key, tp, value, origin)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # an infinite lr is never meant
+            return number
         raise _type_error(key, tp, value, origin)
     if tp is str:
         if isinstance(value, str):
@@ -353,6 +357,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: _Origin) -> Any:
 
 def _type_error(key: str, tp: Any, value: Any, origin: _Origin) -> ConfigError:
     name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    name = "a finite float" if name == "float" else name
     return ConfigError(f"config key '{key}' in {origin.of(key.split('[')[0])}: expected {name}, "
                        f"got {value!r}")
 
@@ -376,6 +381,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.image_size > 0, "data.image_size", "must be positive")
     _require(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean",
              "mean and std need three values (RGB)")
+    _require(all(s > 0 for s in cfg.data.std), "data.std", "must be positive (it divides)")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.max_images is None or cfg.data.max_images >= 2, "data.max_images",
              "must be >= 2 or null")

@@ -47,7 +47,8 @@ def kmeans_baseline(train_features: np.ndarray, val_features: np.ndarray, cluste
 
 
 def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, device: torch.device,
-                   num_clusters: int, name: str = "evaluate") -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+                   num_clusters: int, name: str = "evaluate"
+                   ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Metrics of one cluster model on a split; also returns its probabilities and embeddings."""
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,

@@ -78,6 +78,8 @@ RESULT_KEYS = {
     "scan": _DATA + ("data.val_root", "augment.", "model.num_clusters", "scan."),
     "selflabel": _DATA + ("augment.", "selflabel."),
 }
+# Data sets torchvision verifies by checksum: where they are stored cannot change a result.
+CHECKSUMMED = ("cifar10", "cifar20", "stl10", "digits")
 LOCK_NAME = ".lock"
 LINEAGE_NAME = "lineage.json"
 
@@ -225,7 +227,7 @@ class RunDir:
         path = self.lineage_path(stage)
         try:
             return read_json(path)
-        except (OSError, ValueError):
+        except (OSError, RunDirError):
             raise RunDirError(
                 f"{self.stage_dir(stage)} has no readable {LINEAGE_NAME}, so what it was built "
                 f"from is unknown (made by an older scanclust?); redo it with "
@@ -250,11 +252,12 @@ class RunDir:
             if recorded.get("inputs", {}).get(dep) != self.output_digest(dep):
                 raise self._stale(stage, dep, f"{dep} was redone or replaced since")
         if recorded.get("output") != self.output_digest(stage):
+            folder = self.stage_dir(stage)
             names = ", ".join(OUTPUTS[stage])
-            raise RunDirError(
-                f"{self.stage_dir(stage)}: {names} changed after the {stage} stage wrote it "
-                f"(replaced by hand, or copied from another run?); redo it with "
-                f"{self._redo(stage)}")
+            what = ("is missing" if not (folder / OUTPUTS[stage][0]).is_file() else
+                    "changed after the {stage} stage wrote it (replaced by hand, or copied from "
+                    "another run?)".format(stage=stage))
+            raise RunDirError(f"{folder}: {names} {what}; redo it with {self._redo(stage)}")
         self._verified.add(stage)
 
     def plan(self, stage: str, cfg: dict[str, Any], resume: bool, force: bool,
@@ -387,6 +390,8 @@ def compare_configs(stage: str, old: dict[str, Any], new: dict[str, Any], done: 
         a, b = before.get(key), after.get(key)
         if a == b or not _changes_result(stage, key):
             continue
+        if key == "data.root" and after.get("data.dataset") in CHECKSUMMED:
+            continue  # the same files, found elsewhere (a run moved to another machine)
         if key == epochs_key and isinstance(a, int) and isinstance(b, int) and b > a:
             if done:
                 notes.append(f"{stage} finished with {a} epochs; {key}={b} is not applied "
@@ -535,4 +540,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError:
+        raise RunDirError(f"{path} is not valid JSON (edited by hand?); redo the stage that "
+                          f"wrote it with --force") from None

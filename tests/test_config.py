@@ -143,6 +143,18 @@ def test_seed_outside_what_every_generator_accepts_is_an_error(seed: int) -> Non
     assert load_config("demo", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
 
 
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_non_finite_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="'scan.optim.lr' in the overrides: expected a finite "
+                                          "float"):
+        load_config("demo", [f"scan.optim.lr={value}"])
+
+
+def test_zero_std_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'data.std': must be positive"):
+        load_config("demo", ["data.std=[0.5, 0, 0.5]"])
+
+
 def test_weights_file_without_the_weights_method_is_an_error() -> None:
     with pytest.raises(ConfigError, match="'pretext.weights': is set, but pretext.method=simclr"):
         load_config("cifar10", ["pretext.weights=moco.pth"])

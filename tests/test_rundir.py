@@ -126,6 +126,22 @@ def test_output_replaced_after_the_stage_is_refused(tmp_path: Path) -> None:
         run.plan("mine", CFG, resume=False, force=False)
 
 
+def test_output_deleted_after_the_stage_is_refused(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext")
+    run.checkpoint("pretext").unlink()
+    with pytest.raises(RunDirError, match="pretext: checkpoint.pt is missing; redo it with"):
+        run.plan("mine", CFG, resume=False, force=False)
+
+
+def test_summary_edited_into_invalid_json_is_one_line(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext")
+    run.summary_path("pretext").write_text("{not json")
+    with pytest.raises(RunDirError, match="summary.json is not valid JSON"):
+        run.summary("pretext")
+
+
 def test_stage_without_lineage_is_refused(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     finished(run, "pretext")
@@ -164,6 +180,14 @@ def test_resume_allows_safe_keys_and_other_stages_keys() -> None:
     new = _cfg("device=auto", "progress=false", "amp=true", "perf.channels_last=false",
                "data.num_workers=2", "evaluate.figures=false", "scan.epochs=5", "mine.backend=torch")
     assert compare_configs("pretext", _cfg(), new, True, Path("run/pretext")) == []
+
+
+def test_moved_data_is_allowed_only_where_a_checksum_proves_it_the_same() -> None:
+    assert compare_configs("pretext", _cfg(), _cfg("data.root=/elsewhere"), True, Path("p")) == []
+    folder = ("data.dataset=folder", "model.num_clusters=3")
+    with pytest.raises(ConfigError, match="data.root"):
+        compare_configs("pretext", _cfg(*folder, "data.root=/a"), _cfg(*folder, "data.root=/b"),
+                        True, Path("p"))
 
 
 def test_resume_with_more_epochs_warns_and_fewer_is_refused() -> None:
