@@ -14,9 +14,10 @@
 Stages talk through these files only, so any stage can be rerun, resumed or inspected alone.
 Three rules keep the folder from ever holding a mix of results:
 
-- One writer. A process takes the lock (``fcntl.flock``) before it reads the state; a second
-  process is refused with the holder's PID. The kernel drops the lock of a killed process, so a
-  stale lock file is simply taken over.
+- One writer. A process takes the lock (a POSIX record lock, ``fcntl.lockf``) before it reads
+  the state; a second process is refused with the holder's PID. The kernel drops the lock of a
+  killed process, so a stale lock file is simply taken over. (A record lock belongs to the
+  process, not to its forked data-loader workers, so it ends with the process itself.)
 - Lineage. A stage records a content hash of each input stage's output when it starts, and the
   hash of its own output when it finishes. A stage whose input changed since (a redone pretext,
   a checkpoint copied in from another run) is refused until it is redone with ``--force``.
@@ -30,6 +31,7 @@ writes) in those two places.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -178,17 +180,18 @@ class RunDir:
                             "from writing to %s at the same time", self.root)
                 break
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    # a file system without locks: go on, but say so
+                    log.warning("cannot lock %s (%s): nothing stops a second writer", path,
+                                err.strerror)
+                    break
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise RunDirError(
                     f"{self.root} is in use by process {holder}; wait for it to end or stop it "
                     f"(a lock left by a killed process is taken over automatically)") from None
-            except OSError as err:  # a file system without locks: go on, but say so
-                log.warning("cannot lock %s (%s): nothing stops a second writer", path,
-                            err.strerror)
-                break
             try:  # the holder may have removed the file between our open and our lock
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -447,10 +450,7 @@ def _release(key: str) -> None:
         return
     fd, created = entry
     Path(key, LOCK_NAME).unlink(missing_ok=True)  # removed while still held: see ``lock``
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)  # also for forked data workers sharing the file
-    os.close(fd)
+    os.close(fd)  # ends the record lock
     _remove_if_empty(Path(key), created)
 
 

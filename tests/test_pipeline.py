@@ -124,12 +124,18 @@ def test_output_has_no_library_noise(finished_run: Path) -> None:
     assert "faiss" not in stderr and "ModuleNotFoundError" not in stderr
 
 
-def test_metrics_are_strict_json(finished_run: Path) -> None:
+def test_json_files_are_strict_when_a_value_is_not_finite(tmp_path: Path) -> None:
+    """Zero SCAN epochs leave the best held-out loss at infinity; JSON has no such number."""
+    out = tmp_path / "run"
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=0"]
+    for stage in (scanclust.pretext, scanclust.mine, scanclust.scan):
+        stage("demo", out, overrides=ov)
+
     def no_constants(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
-    for path in [finished_run / "metrics.json", *finished_run.glob("*/summary.json")]:
-        json.loads(path.read_text(), parse_constant=no_constants)
+    summary = json.loads((out / "scan" / "summary.json").read_text(), parse_constant=no_constants)
+    assert summary["best_loss"] is None
 
 
 class Killed(Exception):
