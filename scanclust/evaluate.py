@@ -19,8 +19,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.paths import data_path_for
-from scanclust.health import check_finite_array, collapse_warning
 from scanclust.figures import low_confidence_indices, plot_confusion, plot_image_grid, prototype_indices
+from scanclust.health import check_finite_array, collapse_warning
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
 from scanclust.rundir import STAGES, RunDir, exclusive, write_json
