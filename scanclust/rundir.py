@@ -257,9 +257,9 @@ class RunDir:
         if recorded.get("output") != self.output_digest(stage):
             folder = self.stage_dir(stage)
             names = ", ".join(OUTPUTS[stage])
-            what = ("is missing" if not (folder / OUTPUTS[stage][0]).is_file() else
-                    "changed after the {stage} stage wrote it (replaced by hand, or copied from "
-                    "another run?)".format(stage=stage))
+            what = (f"changed after the {stage} stage wrote it (replaced by hand, or copied "
+                    f"from another run?)" if (folder / OUTPUTS[stage][0]).is_file()
+                    else "is missing")
             raise RunDirError(f"{folder}: {names} {what}; redo it with {self._redo(stage)}")
         self._verified.add(stage)
 
@@ -319,6 +319,8 @@ class RunDir:
             dropped = self._trim_log(stage, 0)
             if state in ("done", "unfinished"):
                 aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                while aside.exists():  # redone twice within a second
+                    aside = aside.with_name(aside.name + "+")
                 os.replace(folder, aside)
                 if dropped:
                     (aside / "log.jsonl").write_text("".join(dropped))
