@@ -237,7 +237,9 @@ class RunDir:
                 f"{self._redo(stage)}") from None
 
     def _redo(self, stage: str) -> str:
-        return f"`scanclust {stage} --out {self.root} --force` (its old output is kept aside)"
+        later = ", then the stages after it" if stage not in ("selflabel", "evaluate") else ""
+        return (f"`scanclust {stage} --out {self.root} --force` (its old output is kept "
+                f"aside){later}")
 
     def _stale(self, stage: str, dep: str, why: str) -> RunDirError:
         return RunDirError(f"{self.stage_dir(stage)} was built from another {dep} output than "
