@@ -24,8 +24,9 @@ Three rules keep the folder from ever holding a mix of results:
 - Atomic files. Everything is written to a temporary file and renamed; the temporary files of
   a killed process are removed by the next one that takes the lock.
 
-Only ``RunDir`` and ``save_checkpoint`` write here, so a multi-process run needs one check (rank 0
-writes) in those two places.
+Every write goes through ``RunDir`` or ``atomic_write`` (which ``save_checkpoint`` and the figures
+use), so a multi-process run needs its one "rank 0 writes" check in ``RunDir.lock``,
+``RunDir.log`` and ``atomic_write``.
 """
 
 from __future__ import annotations
