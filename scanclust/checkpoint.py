@@ -3,20 +3,24 @@
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so
 ``torch.load(weights_only=True)`` reads it; a file from an untrusted source cannot run code.
 Writing goes to a temporary file in the same folder, then ``os.replace``: a run killed while
-saving leaves the previous checkpoint intact, never a truncated one.
+saving leaves the previous checkpoint intact, never a truncated one. Every way a checkpoint can
+fail (disk full, truncated, foreign, tensors of the wrong shape) is a one-line error naming the
+file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from scanclust.config import TEXT_READING
 from scanclust.errors import UserError
+from scanclust.rundir import atomic_write
 
 FORMAT_VERSION = 2
 
@@ -25,30 +29,32 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def save_checkpoint(path: Path, stage: str, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "stage": stage, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: a full disk then fails in a plain write that says so, not
+    # inside torch's zip writer ("unexpected pos ...").
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_write(Path(path), CheckpointError, "; the previous checkpoint is kept") as handle:
+        handle.write(buffer.getbuffer())
 
 
-def load_checkpoint(path: Path, stage: str | None = None) -> dict[str, Any]:
+def load_checkpoint(path: Path, stage: str | None = None, mmap: bool = False) -> dict[str, Any]:
     """Load on the CPU; ``stage`` guards against feeding e.g. a pretext file to self-label."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():
+            # torch's message suggests weights_only=False, which would run what the file holds
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data; it "
+                                  f"is not loaded, since unpickling it could run code") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt; redo its stage with "
+                              f"--force") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt; redo its stage with "
+                              f"--force") from None
     if not isinstance(payload, dict) or "stage" not in payload:
         raise CheckpointError(f"{path} is not a scanclust checkpoint")
     if stage is not None and payload["stage"] != stage:
@@ -75,3 +81,34 @@ def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     if model.get("backbone") == "resnet18_stl":
         model["backbone"] = "resnet18"
     return payload
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint was saved after, read without loading its tensors."""
+    return int(load_checkpoint(path, mmap=True).get("epoch", 0))
+
+
+def load_state(module: nn.Module, state: Any, source: str | Path, hint: str = "") -> None:
+    """``module.load_state_dict(state)``, with a one-line error naming ``source`` and the first
+    tensor that is missing, unexpected or of the wrong shape (torch prints pages of them)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds no state dict for a {type(module).__name__}")
+    wanted = module.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    problem = ""
+    if missing:
+        problem = f"lacks {len(missing)} tensors of the {type(module).__name__} (first: {missing[0]})"
+    elif unexpected:
+        problem = f"has {len(unexpected)} tensors the {type(module).__name__} lacks " \
+                  f"(first: {unexpected[0]})"
+    else:
+        for key, target in wanted.items():
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                problem = f"has {key} of shape {shape} where the model needs {list(target.shape)}"
+                break
+    if problem:
+        raise CheckpointError(f"{source} {problem}{hint}")
+    module.load_state_dict(state)

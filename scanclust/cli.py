@@ -13,6 +13,7 @@ and a config error answer at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -124,16 +125,46 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         setattr(args, rest, list(getattr(args, rest)) + extra)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    _setup_logging(getattr(args, "quiet", False))
     try:
         return _dispatch(args)
-    except (UserError, FileNotFoundError) as err:
-        print(f"scanclust: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return _fail(str(err))
+    except OSError as err:  # the file system's faults: disk full, read-only, permissions
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}"
+                     + ("; free some space, then continue with --resume"
+                        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""))
+    except MemoryError:
+        return _fail(OUT_OF_MEMORY)
+    except RuntimeError as err:
+        torch = sys.modules.get("torch")  # a torch error only if torch was imported
+        if torch is not None and isinstance(err, torch.OutOfMemoryError):
+            return _fail(OUT_OF_MEMORY)
+        raise
     except KeyboardInterrupt:
         print("scanclust: interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+OUT_OF_MEMORY = ("out of memory; lower the batch sizes (e.g. pretext.batch_size, scan.batch_size, "
+                 "evaluate.batch_size), then continue with --resume")
+
+
+def _fail(message: str) -> int:
+    print(f"scanclust: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Our messages only: the root logger stays quiet, so libraries' INFO lines (faiss's
+    'Could not load library ...' at import) do not read like failures."""
+    logger = logging.getLogger("scanclust")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

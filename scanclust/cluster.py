@@ -250,6 +250,10 @@ def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[
     from scanclust.report import report
 
     auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)
+    if auto:
+        # Until mining has run, the largest K to be tried stands in for the number of clusters,
+        # so the checks made before pretext trains (enough images for K) hold for every choice.
+        cfg = load_config(cfg, {"model.num_clusters": ks[-1]})
     for name, stage in STAGE_FUNCTIONS.items():
         if name == "scan" and auto:
             cfg = load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,

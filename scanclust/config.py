@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -256,9 +257,10 @@ def load_config(source: str | Path | dict | Config | None = None,
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = _deep_copy(data)
-    for key, value in _parse_overrides(overrides).items():
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, prefix="", origin=origin)
+    cfg = _build(Config, data, prefix="", origin=_Origin(origin, set(parsed)))
     validate(cfg)
     return cfg
 
@@ -310,9 +312,23 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
+class _Origin:
+    """Where a key came from, for error messages: an override or the config file."""
+
+    def __init__(self, source: str, overridden: set[str]) -> None:
+        self.source = source
+        self.overridden = overridden
+
+    def of(self, key: str) -> str:
+        if key in self.overridden or any(key.startswith(f"{o}.") for o in self.overridden):
+            return "the overrides"
+        return self.source
+
+
+def _build(cls: type, data: Any, prefix: str, origin: _Origin) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} in {origin}: "
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} in "
+                          f"{origin.of(prefix.rstrip('.'))}: "
                           f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -321,7 +337,8 @@ def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(names)}"
-        raise ConfigError(f"unknown config key '{prefix}{key}' in {origin}{hint}")
+        raise ConfigError(f"unknown config key '{prefix}{key}' in "
+                          f"{origin.of(f'{prefix}{key}')}{hint}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -330,7 +347,7 @@ def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origin: _Origin) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=f"{key}.", origin=origin)
     origin_tp = typing.get_origin(tp)
@@ -360,13 +377,16 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
             return value
         raise _type_error(key, tp, value, origin)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # an infinite lr is never meant
+            return number
         raise _type_error(key, tp, value, origin)
     if tp is str:
         if isinstance(value, str):
@@ -377,9 +397,11 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     return value
 
 
-def _type_error(key: str, tp: Any, value: Any, origin: str) -> ConfigError:
+def _type_error(key: str, tp: Any, value: Any, origin: _Origin) -> ConfigError:
     name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-    return ConfigError(f"config key '{key}' in {origin}: expected {name}, got {value!r}")
+    name = "a finite float" if name == "float" else name
+    return ConfigError(f"config key '{key}' in {origin.of(key.split('[')[0])}: expected {name}, "
+                       f"got {value!r}")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -393,6 +415,7 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
+    _require(0 <= cfg.seed < 2**32, "seed", f"{cfg.seed} is outside 0 .. 2**32 - 1")
     _choice(cfg.data.dataset, "data.dataset", DATASETS)
     _require(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     _require(cfg.model.backbone in BACKBONES or _LIBRARY_NAME.fullmatch(cfg.model.backbone)
@@ -409,6 +432,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.image_size > 0, "data.image_size", "must be positive")
     _require(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean",
              "mean and std need three values (RGB)")
+    _require(all(s > 0 for s in cfg.data.std), "data.std", "must be positive (it divides)")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.max_images is None or cfg.data.max_images >= 2, "data.max_images",
              "must be >= 2 or null")
@@ -443,6 +467,9 @@ def validate(cfg: Config) -> None:
              f"model.backbone={cfg.model.backbone} has none (use e.g. resnet50 or timm:NAME)")
     _require(cfg.pretext.method != "weights" or bool(cfg.pretext.weights), "pretext.weights",
              "pretext.method=weights needs a weights file")
+    _require(cfg.pretext.weights is None or cfg.pretext.method == "weights", "pretext.weights",
+             "is set, but pretext.method=simclr trains from scratch and would ignore it; set "
+             "pretext.method=weights to start from the file, or pretext.weights=null")
     _require(cfg.pretext.temperature > 0, "pretext.temperature", "must be positive")
     _require(cfg.mine.topk >= 1, "mine.topk", "must be >= 1")
     _choice(cfg.mine.features, "mine.features", ("head", "backbone"))

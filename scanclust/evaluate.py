@@ -16,13 +16,14 @@ import torch
 from PIL import Image
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from scanclust.config import Config
+from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.paths import data_path_for
 from scanclust.figures import low_confidence_indices, plot_confusion, plot_image_grid, prototype_indices
+from scanclust.health import check_finite_array, collapse_warning
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
-from scanclust.rundir import STAGES, RunDir, write_json
+from scanclust.rundir import STAGES, RunDir, exclusive, write_json
 from scanclust.runtime import resolve_device
 from scanclust.scan import load_scan_model, predict_logits
 from scanclust.selflabel import load_selflabel_model
@@ -46,13 +47,15 @@ def kmeans_baseline(train_features: np.ndarray, val_features: np.ndarray, cluste
 
 
 def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, device: torch.device,
-                   num_clusters: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+                   num_clusters: int, name: str = "evaluate"
+                   ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Metrics of one cluster model on a split; also returns its probabilities and embeddings."""
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
                                    cfg.perf.channels_last, cfg.progress, "evaluate")
     probs = torch.softmax(logits[0], dim=1).numpy()
+    check_finite_array(probs, "the predictions", name, cfg)
     pred = probs.argmax(1)
     metrics = label_metrics(pred, dataset, num_clusters, probs)
     metrics["mean_confidence"] = float(probs.max(1).mean())
@@ -108,6 +111,7 @@ def _thumbnails(dataset: ImageDataset, indices: list[int]) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((side, side))) for im in images])
 
 
+@exclusive
 def evaluate(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default",
              *, overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
              force: bool = False) -> dict[str, Any]:
@@ -137,8 +141,13 @@ def evaluate(config: Config | str | Path | dict | None = None, out: str | Path =
         if not run.is_done(name):
             continue
         model, _ = load(run)
-        stage_metrics, probs, feats = evaluate_model(model, val_set, cfg, device, num_clusters)
+        stage_metrics, probs, feats = evaluate_model(model, val_set, cfg, device, num_clusters,
+                                                     name)
         metrics["stages"][name] = stage_metrics
+        sizes = np.bincount(probs.argmax(1), minlength=num_clusters)
+        warning = collapse_warning(sizes, f"{name} (on the val split)")
+        if warning:
+            metrics.setdefault("warnings", []).append(warning)
         if cfg.evaluate.figures:
             write_figures(name, stage_metrics, probs, feats, val_set, run.figures,
                           cfg.evaluate.num_low_confidence)
@@ -157,7 +166,8 @@ def _num_clusters(run: RunDir, cfg: Config, dataset: ImageDataset) -> int:
     if cfg.model.num_clusters is not None:
         return cfg.model.num_clusters
     if dataset.classes is None:
-        raise ValueError("model.num_clusters is needed for an unlabelled data set")
+        raise ConfigError("config key 'model.num_clusters': the data set has no labels, so "
+                          "the number of clusters must be given")
     return len(dataset.classes)
 
 

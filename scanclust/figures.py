@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from scanclust.rundir import atomic_write
+
 DPI = 120
 ANNOTATE_MAX = 20  # beyond this many rows or columns the count labels overlap
 TICK_LABELS_MAX = 50
@@ -106,6 +108,5 @@ def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, title: 
 
 
 def _save(fig: Figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+    with atomic_write(Path(path)) as handle:
+        fig.savefig(handle, dpi=DPI, format="png", bbox_inches="tight")

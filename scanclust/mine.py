@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scanclust.checkpoint import load_checkpoint
+from scanclust.checkpoint import load_checkpoint, load_state
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.paths import DataPath, data_path_for, to_device
+from scanclust.health import check_finite_array
+from scanclust.preflight import check_topk
 from scanclust.pretext import build_contrastive_model
-from scanclust.rundir import write_json
+from scanclust.rundir import exclusive, write_json
 from scanclust.runtime import autocast, resolve_device
 from scanclust.training import log, prepare_model, progress, begin_stage
 
@@ -146,6 +148,7 @@ def _encoder(model: nn.Module, features: str, has_head: bool) -> Callable:
     return lambda x: F.normalize(model.backbone(x), dim=1)
 
 
+@exclusive
 def mine(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
          overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
          force: bool = False) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     device = resolve_device(cfg.device)
     state = load_checkpoint(run.checkpoint("pretext"), "pretext")
     model = build_contrastive_model(cfg)
-    model.load_state_dict(state["model"])
+    load_state(model, state["model"], run.checkpoint("pretext"))
     prepare_model(model, cfg, device)
     model.eval()
     encode = _encoder(model, cfg.mine.features, state.get("has_head", True))
@@ -169,18 +172,19 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
         k = mc.topk
         if k >= len(dataset):
             if split == "train":
-                raise ConfigError(f"config key 'mine.topk': {k} neighbours need more than {k} "
-                                  f"images, but the train split has {len(dataset)}")
+                check_topk(cfg, len(dataset))
             k = len(dataset) - 1  # val neighbours only feed the held-out SCAN loss
             if k < 1:
                 continue
         feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
                                  mc.batch_size, device, cfg.amp, cfg.perf.channels_last,
                                  cfg.progress, f"features {split}")
+        stored = feats.numpy().astype(np.float16)  # float16 overflows above 65504
+        check_finite_array(stored, "the pretext features", STAGE, cfg)
         neighbors = mine_neighbors(feats, k, mc.backend, mc.chunk_size, device).numpy()
-        np.save(run.neighbors(split), neighbors)
-        np.save(run.features(split), feats.numpy().astype(np.float16))
-        np.save(run.stage_dir(STAGE) / f"targets_{split}.npy", dataset.targets)
+        run.save_array(run.neighbors(split), neighbors)
+        run.save_array(run.features(split), stored)
+        run.save_array(run.stage_dir(STAGE) / f"targets_{split}.npy", dataset.targets)
         if dataset.has_labels:
             purity = neighbor_purity(neighbors, dataset.targets)
             summary[f"purity_{split}"] = purity

@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scanclust.config import Config, load_config
+from scanclust.config import Config, ConfigError, load_config
 from scanclust.evaluate import evaluate
 from scanclust.metrics import mean_std
 from scanclust.mine import mine
 from scanclust.pretext import pretext
-from scanclust.rundir import read_json, write_json
+from scanclust.rundir import RunDir, exclusive, read_json, write_json
+from scanclust.runtime import resolve_device
 from scanclust.scan import scan
 from scanclust.selflabel import selflabel
 from scanclust.training import log
@@ -29,15 +30,14 @@ def run(config: Config | str | Path | dict | None = None, out: str | Path = "run
     ``<out>/summary.json`` holds the mean and std of every metric over the repetitions.
     """
     if seeds < 1:
-        raise ValueError("seeds must be >= 1")
+        raise ConfigError(f"--seeds {seeds}: needs at least 1 seed")
     if seeds == 1:
         return _run_once(config, Path(out), overrides, resume, force)
     base = load_config(config if config is not None else Path(out) / "seed_0" / "config.yaml",
                        overrides)
-    runs = []
-    for i in range(seeds):
-        cfg = load_config(base, {"seed": base.seed + i})
-        runs.append(_run_once(cfg, Path(out) / f"seed_{i}", None, resume, force))
+    configs = [load_config(base, {"seed": base.seed + i}) for i in range(seeds)]  # all valid?
+    runs = [_run_once(cfg, Path(out) / f"seed_{i}", None, resume, force)
+            for i, cfg in enumerate(configs)]
     summary = {"dataset": base.data.dataset, "seeds": [base.seed + i for i in range(seeds)],
                "runs": [str(Path(out) / f"seed_{i}") for i in range(seeds)],
                "mean_std": mean_std([{k: r[k] for k in ("stages", "neighbors", "seconds")}
@@ -47,14 +47,27 @@ def run(config: Config | str | Path | dict | None = None, out: str | Path = "run
     return summary
 
 
+@exclusive
 def _run_once(config: Config | str | Path | dict | None, out: Path,
               overrides: list[str] | dict[str, Any] | None, resume: bool,
               force: bool) -> dict[str, Any]:
+    """Every stage, under one lock; each stage's refusal is checked before the first runs, so
+    a refused call writes nothing."""
     cfg = load_config(config if config is not None else out / "config.yaml", overrides)
+    resolve_device(cfg.device)
+    run_dir = RunDir(out)
+    run_dir.lock()
+    settings = cfg.to_dict()
+    will_run: set[str] = set()
+    for name in STAGE_FUNCTIONS:
+        status, _ = run_dir.plan(name, settings, resume, force, frozenset(will_run))
+        if status != "done":
+            will_run.add(name)
     for name, stage in STAGE_FUNCTIONS.items():
         started = time.perf_counter()
         stage(cfg, out, resume=resume, force=force)
-        log.info("%s finished in %.1f s", name, time.perf_counter() - started)
+        if name in will_run:
+            log.info("%s finished in %.1f s", name, time.perf_counter() - started)
     return read_json(out / "metrics.json")
 
 

@@ -13,12 +13,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config
 from scanclust.data import build_dataset
 from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
+from scanclust.health import check_finite
 from scanclust.losses import nt_xent
 from scanclust.models import ContrastiveModel, build_backbone
+from scanclust.rundir import exclusive
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.step import TrainStep
 from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, log,
@@ -68,6 +70,7 @@ def train_one_epoch(model: nn.Module, step: TrainStep, batches: Batches,
     return {"loss": mean_loss, "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
+@exclusive
 def pretext(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
             force: bool = False) -> dict[str, Any]:
@@ -93,7 +96,7 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
     start_epoch, seconds = 0, 0.0
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
-        model.load_state_dict(state["model"])
+        load_state(model, state["model"], run.checkpoint(STAGE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
@@ -110,6 +113,7 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
                                seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
         stats = train_one_epoch(model, step, batches, optimizer, scheduler, device, cfg.progress,
                                 f"pretext {epoch + 1}/{pc.epochs}")
+        check_finite(stats, STAGE, epoch + 1, cfg, model)
         seconds += stats["seconds"]
         run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], **stats)
         log.info("pretext epoch %d/%d  loss %.4f  %.0f img/s (%s data path, %s step)",
@@ -189,8 +193,5 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         state[key] = value
     wanted = backbone.state_dict()
     found = {k: v for k, v in state.items() if k in wanted}
-    missing = [k for k in wanted if k not in found]
-    if missing:
-        raise CheckpointError(f"pretext.weights={path} lacks {len(missing)} backbone tensors "
-                              f"(first: {missing[0]}); is it a {type(backbone).__name__}?")
-    backbone.load_state_dict(found)
+    load_state(backbone, found, f"pretext.weights={path}",
+               "; are they weights for another backbone than model.backbone?")

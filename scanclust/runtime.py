@@ -25,6 +25,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device': {name} but no CUDA device is available; "
                           "use device=cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device': {name} but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"config key 'device': {name} but MPS is not available; "
                           "use device=cpu or auto")

@@ -16,35 +16,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from scanclust.checkpoint import load_checkpoint, save_checkpoint
+from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config, ConfigError, ScanConfig, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.paths import (Augment, Batch, Batches, DataPath, data_path_for, num_batches,
                                   to_device)
+from scanclust.health import check_finite, collapse_warning
 from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, backbone_state, build_backbone
-from scanclust.rundir import RunDir
+from scanclust.preflight import num_clusters
+from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.step import TrainStep
 from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, cpu_state, log,
                                 prepare_model, progress, begin_stage)
 
 STAGE = "scan"
-
-
-def num_clusters(cfg: Config, dataset: ImageDataset) -> int:
-    """``model.num_clusters``, else the number of classes; checked against the data size."""
-    count = cfg.model.num_clusters
-    if count is None:
-        if dataset.classes is None:
-            raise ConfigError("config key 'model.num_clusters': the data set has no labels, "
-                              "so the number of clusters must be given")
-        count = len(dataset.classes)
-    if count > len(dataset):
-        raise ConfigError(f"config key 'model.num_clusters': {count} clusters for only "
-                          f"{len(dataset)} images")
-    return count
 
 
 def build_cluster_model(cfg: Config, clusters: int, heads: int) -> ClusterModel:
@@ -180,6 +168,7 @@ def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | N
     return neighbors if count is None else neighbors[:, :count]
 
 
+@exclusive
 def scan(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
          overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
          force: bool = False) -> dict[str, Any]:
@@ -195,7 +184,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     seed_all(derive_seed(cfg.seed, STAGE, "init"))
     model = build_cluster_model(cfg, clusters, sc.num_heads)
     pretext_state = load_checkpoint(run.checkpoint("pretext"), "pretext")
-    model.backbone.load_state_dict(backbone_state(pretext_state["model"]))
+    load_state(model.backbone, backbone_state(pretext_state["model"]), run.checkpoint("pretext"))
     if not sc.update_backbone:
         freeze_backbone(model)
     forward = prepare_model(model, cfg, device)
@@ -226,7 +215,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     history: list[list[float]] = []
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
-        model.load_state_dict(state["model"])
+        load_state(model, state["model"], run.checkpoint(STAGE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
@@ -242,6 +231,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
                                seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
         stats = train_one_epoch(model, step, batches, optimizer, scheduler, sc.update_backbone,
                                 device, cfg.progress, f"scan {epoch + 1}/{sc.epochs}")
+        check_finite(stats, STAGE, epoch + 1, cfg, model)
         seconds += stats["seconds"]
         if sc.cached_views:
             with torch.no_grad():
@@ -254,7 +244,8 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
         head = int(val_loss.argmin())
         if float(val_loss[head]) < best["loss"]:
             best = {"loss": float(val_loss[head]), "head": head, "epoch": epoch + 1,
-                    "model": cpu_state(model)}
+                    "model": cpu_state(model),
+                    "sizes": torch.bincount(logits[head].argmax(1), minlength=clusters).tolist()}
         run.log(STAGE, epoch=epoch + 1, lr=scheduler.get_last_lr()[0], val_loss=val_loss.tolist(),
                 best_head=best["head"], best_epoch=best["epoch"], **stats)
         log.info("scan epoch %d/%d  loss %.4f  val loss %.4f (head %d)  %.0f img/s (%s step)",
@@ -271,6 +262,9 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             "model": model.state_dict(), "epoch": 0, "seconds": 0.0, "best": best,
             "history": [], "config": cfg.to_dict(), "num_clusters": clusters,
             "num_heads": sc.num_heads})
+    if "sizes" in best:
+        collapse_warning(best["sizes"], f"scan (head {best['head']}, epoch {best['epoch']}, "
+                         f"on the val split)")
     summary = {"seconds": seconds, "epochs": sc.epochs, "best_head": best["head"],
                "best_epoch": best["epoch"], "best_loss": best["loss"],
                "num_clusters": clusters, "data_path": data.name, "step": step.mode}
@@ -305,6 +299,6 @@ def load_scan_model(run: RunDir) -> tuple[ClusterModel, dict[str, Any]]:
     state = load_checkpoint(run.checkpoint(STAGE), STAGE)
     model = build_cluster_model(load_config(state["config"]), state["num_clusters"],
                                 state["num_heads"])
-    model.load_state_dict(state["best"]["model"])
+    load_state(model, state["best"]["model"], run.checkpoint(STAGE))
     model.keep_head(state["best"]["head"])
     return model, state

@@ -14,14 +14,15 @@ from typing import Any, Callable
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from scanclust.checkpoint import load_checkpoint, save_checkpoint
+from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
 from scanclust.data import build_dataset
 from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
+from scanclust.health import check_finite
 from scanclust.losses import masked_cross_entropy
 from scanclust.models import ClusterModel
-from scanclust.rundir import RunDir
+from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.scan import build_cluster_model, freeze_backbone, load_scan_model, set_train_mode
 from scanclust.step import TrainStep
@@ -86,6 +87,7 @@ def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
             "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
+@exclusive
 def selflabel(config: Config | str | Path | dict | None = None,
               out: str | Path = "runs/default", *,
               overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
@@ -125,9 +127,9 @@ def selflabel(config: Config | str | Path | dict | None = None,
     history: list[int] = []
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
-        model.load_state_dict(state["model"])
+        load_state(model, state["model"], run.checkpoint(STAGE))
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            load_state(ema, state["ema"], run.checkpoint(STAGE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
@@ -146,6 +148,7 @@ def selflabel(config: Config | str | Path | dict | None = None,
                                seed=derive_seed(cfg.seed, STAGE, "order", epoch), train=True)
         stats = train_one_epoch(model, step, batches, optimizer, scheduler, sl.update_backbone,
                                 ema, device, cfg.progress, f"selflabel {epoch + 1}/{sl.epochs}")
+        check_finite(stats, STAGE, epoch + 1, cfg, model)
         epoch += 1
         seconds += stats["seconds"]
         history.append(stats["confident"])
@@ -187,5 +190,5 @@ def load_selflabel_model(run: RunDir) -> tuple[ClusterModel, dict[str, Any]]:
     """The kept (plateau) weights of a finished self-label stage."""
     state = load_checkpoint(run.checkpoint(STAGE), STAGE)
     model = build_cluster_model(load_config(state["config"]), state["num_clusters"], 1)
-    model.load_state_dict(state["best"]["model"])
+    load_state(model, state["best"]["model"], run.checkpoint(STAGE))
     return model, state

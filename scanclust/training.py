@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scanclust.config import Config, ConfigError, OptimConfig, load_config, save_config
-from scanclust.rundir import STAGE_DIRS, RunDir
+from scanclust.config import Config, ConfigError, OptimConfig, load_config
+from scanclust.preflight import preflight
+from scanclust.rundir import RunDir
+from scanclust.runtime import resolve_device
 
 log = logging.getLogger("scanclust")
 
@@ -20,11 +22,14 @@ log = logging.getLogger("scanclust")
 def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str | Path,
                 overrides: list[str] | dict[str, Any] | None, resume: bool, force: bool,
                 needs: str | None = None) -> tuple[Config, RunDir, str]:
-    """Resolve the config, check the run directory, and decide how ``stage`` proceeds.
+    """Resolve the config, take the run directory, and decide how ``stage`` proceeds.
 
     Returns ``(config, run, status)`` with status ``fresh``, ``resume`` or ``done`` (see
-    ``RunDir.prepare``). The config falls back to the run's own config.yaml, and is recorded
-    there only once the stage is cleared to run, so a refused call changes no file.
+    ``RunDir.plan``). Everything that can refuse the call comes first: the config, the device,
+    the lock (another process at work), the inputs' lineage, a resume under a changed config,
+    and, before pretext trains, the limits of the later stages. Only then is any file written,
+    so a refused call changes nothing. The lock is held until the stage function returns
+    (``rundir.exclusive``) or the process ends.
     """
     run = RunDir(out)
     if config is None:
@@ -32,14 +37,17 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
             raise ConfigError(f"no config given and {run.config_path} does not exist")
         config = run.config_path
     cfg = load_config(config, overrides)
-    if needs is not None:
-        run.require(needs, stage)
-    status = run.prepare(stage, resume, force) if stage in STAGE_DIRS else "fresh"
+    resolve_device(cfg.device)
+    run.lock()
+    settings = cfg.to_dict()
+    status, notes = run.plan(stage, settings, resume, force, needs=needs)
+    for note in notes:
+        log.warning("warning: %s", note)
+    if stage == "pretext" and status != "done" and cfg.pretext.method == "simclr":
+        preflight(cfg)
+    run.start(stage, status, settings)
     if status == "done":
         log.info("%s: already done in %s", stage, run.root)
-    else:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config_path)
     return cfg, run, status
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import random
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 import scanclust.checkpoint as checkpoint
-from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from scanclust.runtime import capture_rng, restore_rng
 
 
@@ -121,3 +124,78 @@ def test_restore_rng_reproduces_python_gauss() -> None:
     first = random.gauss(0, 1)
     restore_rng(state)
     assert random.gauss(0, 1) == first
+
+
+# --- one-line errors for every way a checkpoint fails -----------------------------------------
+
+def test_truncated_file_says_truncated_or_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, "scan", {"w": torch.randn(100)})
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 10, 0):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path, "scan")
+        assert str(err.value).startswith(f"checkpoint {path} is truncated or corrupt;")
+
+
+def test_refused_pickle_does_not_suggest_running_it(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"stage": "scan", "obj": _Custom()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "could run code" in str(err.value)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, "scan", {"epoch": 1})
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: _Full(fd))
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(path, "scan", {"epoch": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert str(err.value) == (f"cannot write {path}: No space left on device; the previous "
+                              f"checkpoint is kept")
+    assert load_checkpoint(path, "scan")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+class _Full(io.FileIO):
+    """A file on a full disk: opening works, writing does not (ENOSPC)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, "wb")
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_wrong_shape_tensor_names_file_key_and_shapes(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    state = {"0.weight": torch.zeros(4, 5), "0.bias": torch.zeros(4)}
+    with pytest.raises(CheckpointError, match=r"c.pt has 0.weight of shape \[4, 5\] where the "
+                                              r"model needs \[4, 3\]"):
+        load_state(model, state, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensors of the Sequential \(first: 0.bias"):
+        load_state(model, {"0.weight": torch.zeros(4, 3)}, "c.pt")
+    with pytest.raises(CheckpointError, match=r"has 1 tensors the Sequential lacks"):
+        load_state(model, {**model.state_dict(), "extra": torch.zeros(1)}, "c.pt")
+
+
+def test_torchvision_resnet18_weights_into_the_cifar_variant(tmp_path: Path) -> None:
+    """The CIFAR stem is a 3x3 conv; ImageNet ResNet-18 weights have a 7x7 one."""
+    from torchvision.models import resnet18
+
+    from scanclust.models import build_backbone
+    from scanclust.pretext import load_backbone_weights
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone_weights(build_backbone("resnet18_cifar"), path)
+    assert str(err.value) == (f"pretext.weights={path} has conv1.weight of shape [64, 3, 7, 7] "
+                              f"where the model needs [64, 3, 3, 3]; are they weights for another "
+                              f"backbone than model.backbone?")
+    load_backbone_weights(build_backbone("resnet18"), path)  # the right backbone loads

@@ -117,3 +117,52 @@ def test_override_without_equals_is_error() -> None:
 def test_missing_config_names_it(source: str) -> None:
     with pytest.raises(ConfigError, match=source):
         load_config(source)
+
+
+def test_override_errors_name_the_overrides_not_the_file() -> None:
+    for overrides, key in ((["scan.epochz=3"], "scan.epochz"), (["scan.epochs=abc"], "scan.epochs"),
+                           (["scan=3"], "scan")):
+        with pytest.raises(ConfigError) as err:
+            load_config("demo", overrides)
+        assert f"'{key}' in the overrides" in str(err.value)
+        assert "demo.yaml" not in str(err.value)
+
+
+def test_wrong_type_in_the_file_still_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("scan:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=f"'scan.epochs' in {path}"):
+        load_config(path, ["scan.batch_size=8"])
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_what_every_generator_accepts_is_an_error(seed: int) -> None:
+    """scikit-learn's k-means takes seeds in 0 .. 2**32 - 1; catch it before training."""
+    with pytest.raises(ConfigError, match=r"config key 'seed': .* outside 0 .. 2\*\*32 - 1"):
+        load_config("demo", [f"seed={seed}"])
+    assert load_config("demo", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_non_finite_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="'scan.optim.lr' in the overrides: expected a finite "
+                                          "float"):
+        load_config("demo", [f"scan.optim.lr={value}"])
+
+
+def test_zero_std_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'data.std': must be positive"):
+        load_config("demo", ["data.std=[0.5, 0, 0.5]"])
+
+
+def test_weights_file_without_the_weights_method_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="'pretext.weights': is set, but pretext.method=simclr"):
+        load_config("cifar10", ["pretext.weights=moco.pth"])
+    assert load_config("cifar10", ["pretext.weights=moco.pth",
+                                   "pretext.method=weights"]).pretext.weights == "moco.pth"
+
+
+@pytest.mark.parametrize("name", builtin_configs())
+def test_builtin_configs_take_the_cluster_count_from_the_data(name: str) -> None:
+    """A recipe's class count must not silently apply to a user's unlabelled folder."""
+    assert load_config(name).model.num_clusters is None

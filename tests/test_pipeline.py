@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from scanclust.config import ConfigError
 from scanclust.data import build_dataset
 from scanclust.rundir import RunDirError
 from tests.conftest import TINY
+from tests.kill_runner import launch
 
 # ``scanclust.scan`` is the stage function; the modules hold the training loops to interrupt.
 pretext_module = importlib.import_module("scanclust.pretext")
@@ -32,6 +35,13 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=600)
 
 
+def quick_cli(*args: str) -> subprocess.CompletedProcess:
+    """The command line in a child forked from a process that has imported scanclust already:
+    the same code path as ``cli`` without the seconds of importing torch."""
+    code, stderr = launch({"event": "none"}, list(args))
+    return subprocess.CompletedProcess(args, code, "", stderr)
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -42,7 +52,13 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     result = cli("run", "--config", "demo", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr
+    (out.parent / "stderr.txt").write_text(result.stderr)
     return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
 
 
 def test_cli_run_writes_metrics_in_the_documented_format(finished_run: Path) -> None:
@@ -97,6 +113,29 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run: Path) -> None:
     result = cli("run", "--config", "demo", "--out", str(finished_run), "--resume", *TINY)
     assert result.returncode == 0, result.stderr
     assert digest(finished_run / "selflabel" / "checkpoint.pt") == before
+    assert "selflabel: already done" in result.stderr
+    assert "finished in" not in result.stderr.replace("evaluate finished in", "")
+
+
+def test_output_has_no_library_noise(finished_run: Path) -> None:
+    """faiss logs 'Could not load library ... ModuleNotFoundError' at import; not ours to show."""
+    stderr = (finished_run.parent / "stderr.txt").read_text()
+    assert "mine finished in" in stderr
+    assert "faiss" not in stderr and "ModuleNotFoundError" not in stderr
+
+
+def test_json_files_are_strict_when_a_value_is_not_finite(tmp_path: Path) -> None:
+    """Zero SCAN epochs leave the best held-out loss at infinity; JSON has no such number."""
+    out = tmp_path / "run"
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=0"]
+    for stage in (scanclust.pretext, scanclust.mine, scanclust.scan):
+        stage("demo", out, overrides=ov)
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    summary = json.loads((out / "scan" / "summary.json").read_text(), parse_constant=no_constants)
+    assert summary["best_loss"] is None
 
 
 class Killed(Exception):
@@ -214,6 +253,7 @@ def test_unknown_config_key_names_it() -> None:
     result = cli("pretext", "--config", "demo", "--out", "unused", "scan.epochz=3")
     assert result.returncode == 2
     assert "scan.epochz" in result.stderr and "scan.epochs" in result.stderr
+    assert "in the overrides" in result.stderr and "demo.yaml" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
 
 
@@ -233,21 +273,21 @@ def test_missing_config_file_names_it(tmp_path: Path) -> None:
 
 def test_topk_larger_than_the_data_is_an_error_and_pretext_survives(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    ov = TINY + ["data.max_images=12", "mine.topk=20", "pretext.epochs=1", "pretext.batch_size=6"]
+    ov = TINY + ["data.max_images=12", "pretext.epochs=1", "pretext.batch_size=6"]
     scanclust.pretext("demo", out, overrides=ov)
     before = digest(out / "pretext" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="mine.topk"):
-        scanclust.mine("demo", out, overrides=ov)
+        scanclust.mine("demo", out, overrides=ov + ["mine.topk=20"])
     assert digest(out / "pretext" / "checkpoint.pt") == before
 
 
 def test_more_clusters_than_images_is_an_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    ov = TINY + ["data.max_images=30", "model.num_clusters=40", "pretext.epochs=1"]
+    ov = TINY + ["data.max_images=30", "pretext.epochs=1"]
     scanclust.pretext("demo", out, overrides=ov)
     scanclust.mine("demo", out, overrides=ov)
     with pytest.raises(ConfigError, match="model.num_clusters"):
-        scanclust.scan("demo", out, overrides=ov)
+        scanclust.scan("demo", out, overrides=ov + ["model.num_clusters=40"])
 
 
 def test_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
@@ -256,7 +296,7 @@ def test_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
     for stage in (scanclust.pretext, scanclust.mine, scanclust.scan):
         stage("demo", out, overrides=ov)
     (out / "pretext" / "checkpoint.pt").write_bytes((out / "scan" / "checkpoint.pt").read_bytes())
-    with pytest.raises(CheckpointError, match="'scan' stage, expected 'pretext'"):
+    with pytest.raises(RunDirError, match="checkpoint.pt changed after the pretext stage wrote it"):
         scanclust.mine("demo", out, overrides=ov, force=True)
     assert (out / "scan" / "checkpoint.pt").is_file()
 
@@ -278,3 +318,118 @@ def test_demo_meets_its_promise(tmp_path: Path) -> None:
     assert stages["scan"]["acc"] > stages["kmeans"]["acc"]
     assert (tmp_path / "demo" / "figures" / "selflabel_confusion.png").is_file()
     assert seconds <= 180, f"demo took {seconds:.0f} s"
+
+
+# --- a run directory that cannot be left wrong ---------------------------------------------
+
+def test_redone_pretext_makes_later_stages_refuse_until_redone(finished_run: Path,
+                                                               tmp_path: Path) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    before = digest(run / "metrics.json")
+    scanclust.pretext("demo", run, overrides=TINY, force=True)
+    with pytest.raises(RunDirError, match=r"neighbors was built from another pretext output.*"
+                                          r"scanclust mine --out .* --force"):
+        scanclust.run("demo", run, overrides=TINY, resume=True)
+    assert digest(run / "metrics.json") == before  # refused before any stage ran
+    scanclust.mine("demo", run, overrides=TINY, force=True)
+    with pytest.raises(RunDirError, match="scan was built from another pretext output"):
+        scanclust.evaluate("demo", run, overrides=TINY)
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_run(finished_run: Path, tmp_path: Path) -> None:
+    """Same shapes, another seed: only the lineage tells the checkpoints apart."""
+    ours = copy_run(finished_run, tmp_path / "ours")
+    other = copy_run(finished_run, tmp_path / "other")
+    scanclust.scan("demo", other, overrides=TINY + ["seed=1"], force=True)
+    shutil.copy(other / "scan" / "checkpoint.pt", ours / "scan" / "checkpoint.pt")
+    before = digest(ours / "metrics.json")
+    with pytest.raises(RunDirError, match="checkpoint.pt changed after the scan stage wrote it"):
+        scanclust.evaluate("demo", ours, overrides=TINY)
+    assert digest(ours / "metrics.json") == before
+
+
+def test_refused_resume_keeps_config_yaml_and_later_resumes_work(finished_run: Path,
+                                                                 tmp_path: Path) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    before = digest(run / "config.yaml")
+    result = quick_cli("run", "--out", str(run), "--resume", "model.width=16")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "model.width (8 -> 16)" in result.stderr and "--force" in result.stderr
+    assert digest(run / "config.yaml") == before
+    result = quick_cli("run", "--out", str(run), "--resume")
+    assert result.returncode == 0, result.stderr
+
+
+def test_resume_with_other_epoch_counts(finished_run: Path, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"scan.epochs \(2 -> 1\)"):
+        scanclust.run("demo", run, overrides=TINY + ["scan.epochs=1"], resume=True)
+    with caplog.at_level(logging.WARNING, logger="scanclust"):
+        scanclust.run("demo", run, overrides=TINY + ["scan.epochs=3"], resume=True)
+    assert "scan finished with 2 epochs; scan.epochs=3 is not applied" in caplog.text
+    assert load_checkpoint(run / "scan" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_more_epochs_continue_an_unfinished_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        kill_at_epoch(m, pretext_module, 2)
+        with pytest.raises(Killed):
+            scanclust.pretext("demo", out, overrides=TINY)
+    with caplog.at_level(logging.WARNING, logger="scanclust"):
+        scanclust.pretext("demo", out, overrides=TINY + ["pretext.epochs=3"], resume=True)
+    assert "pretext continues to 3 epochs instead of 2" in caplog.text
+    assert load_checkpoint(out / "pretext" / "checkpoint.pt")["epoch"] == 3
+
+
+def _unfinished_pretext(finished_run: Path, to: Path) -> Path:
+    run = copy_run(finished_run, to)
+    for stage in ("neighbors", "scan", "selflabel"):
+        shutil.rmtree(run / stage)
+    (run / "pretext" / "summary.json").unlink()
+    return run
+
+
+def test_wrong_shape_tensor_in_a_checkpoint_is_one_line(finished_run: Path,
+                                                        tmp_path: Path) -> None:
+    run = _unfinished_pretext(finished_run, tmp_path / "run")
+    state = load_checkpoint(run / "pretext" / "checkpoint.pt")
+    key = next(iter(state["model"]))
+    state["model"][key] = torch.zeros(3, 3)
+    torch.save(state, run / "pretext" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint.pt has {key} of shape \\[3, 3\\]"):
+        scanclust.pretext("demo", run, overrides=TINY, resume=True)
+
+
+def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path: Path) -> None:
+    run = _unfinished_pretext(finished_run, tmp_path / "run")
+    path = run / "pretext" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    result = quick_cli("pretext", "--out", str(run), "--resume")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "is truncated or corrupt" in result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--seeds", "0"], "--seeds 0: needs at least 1 seed"),
+    (["seed=-1"], "config key 'seed': -1 is outside"),
+    (["pretext.weights=x.pth"], "pretext.weights': is set, but pretext.method=simclr"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = quick_cli("run", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, *args)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resnet18_weights_into_the_cifar_backbone_is_one_line(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), weights)
+    result = quick_cli("pretext", "--config", "cifar10", "--out", str(tmp_path / "run"), "device=cpu",
+                 "pretext.method=weights", f"pretext.weights={weights}")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "conv1.weight of shape [64, 3, 7, 7] where the model needs [64, 3, 3, 3]" in result.stderr

@@ -1,14 +1,11 @@
-"""Learning-rate schedules and the run-directory guard."""
+"""Learning-rate schedules."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from scanclust.config import OptimConfig
-from scanclust.rundir import RunDir, RunDirError
 from scanclust.training import build_scheduler
 
 
@@ -37,47 +34,3 @@ def test_cosine_schedule_start_middle_end() -> None:
 def test_constant_schedule() -> None:
     cfg = OptimConfig(lr=1e-4, schedule="constant")
     assert _lrs(cfg, total_steps=5) == pytest.approx([1e-4] * 6)
-
-
-def test_prepare_fresh(tmp_path: Path) -> None:
-    run = RunDir(tmp_path / "run")
-    assert run.prepare("scan", resume=False, force=False) == "fresh"
-    assert run.stage_dir("scan").is_dir()
-
-
-def _finished(run: RunDir) -> None:
-    run.stage_dir("scan").mkdir(parents=True)
-    run.checkpoint("scan").write_bytes(b"weights")
-    run.finish("scan", {"seconds": 1.0})
-
-
-def test_prepare_finished_without_resume_refuses(tmp_path: Path) -> None:
-    run = RunDir(tmp_path / "run")
-    _finished(run)
-    with pytest.raises(RunDirError, match="--resume"):
-        run.prepare("scan", resume=False, force=False)
-
-
-def test_prepare_finished_with_resume_is_done(tmp_path: Path) -> None:
-    run = RunDir(tmp_path / "run")
-    _finished(run)
-    assert run.prepare("scan", resume=True, force=False) == "done"
-
-
-def test_prepare_unfinished_with_resume_resumes(tmp_path: Path) -> None:
-    run = RunDir(tmp_path / "run")
-    run.stage_dir("scan").mkdir(parents=True)
-    run.checkpoint("scan").write_bytes(b"weights")
-    assert run.prepare("scan", resume=True, force=False) == "resume"
-    with pytest.raises(RunDirError, match="unfinished"):
-        run.prepare("scan", resume=False, force=False)
-
-
-def test_prepare_force_moves_old_output_aside(tmp_path: Path) -> None:
-    run = RunDir(tmp_path / "run")
-    _finished(run)
-    assert run.prepare("scan", resume=False, force=True) == "fresh"
-    assert list(run.stage_dir("scan").iterdir()) == []
-    (aside,) = [p for p in run.root.iterdir() if p.name.startswith("scan.old-")]
-    assert (aside / "checkpoint.pt").read_bytes() == b"weights"
-    assert (aside / "summary.json").is_file()
