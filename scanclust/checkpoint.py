@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from scanclust import distributed
 from scanclust.errors import UserError
 
 FORMAT_VERSION = 2
@@ -36,9 +37,14 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def save_checkpoint(path: Path, stage: str, state: dict[str, Any]) -> None:
+    """Write ``state`` with the number of processes that trained it; in a run of several
+    processes only the main one writes (they all hold the same weights)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, "stage": stage, **state}
+    payload = {"format_version": FORMAT_VERSION, "stage": stage,
+               "world_size": distributed.world_size(), **state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -3,6 +3,10 @@
     scanclust run --config cifar10 --out runs/c10 [section.key=value ...]
     scanclust scan --out runs/c10 --resume
     scanclust demo
+    torchrun --nproc_per_node 8 -m scanclust run --config imagenet_50 --out runs/in50
+
+Under torchrun only the main process logs epochs and shows progress; a process group that
+``torchrun --max-restarts`` restarted continues from the checkpoints (as with ``--resume``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from scanclust import distributed
 from scanclust.config import ConfigError, builtin_configs, load_config
 from scanclust.demo import demo
 from scanclust.errors import UserError
@@ -66,16 +71,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level if distributed.is_main() else logging.ERROR,
                         format="%(message)s", stream=sys.stderr)
     try:
         return _dispatch(args)
     except (UserError, FileNotFoundError) as err:
-        print(f"scanclust: error: {err}", file=sys.stderr)
+        where = f" (process {distributed.rank()})" if distributed.active() else ""
+        print(f"scanclust: error{where}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scanclust: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -88,6 +97,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.quiet:
         overrides.append("progress=false")
+    if distributed.restart_count() > 0 and not args.resume:
+        logging.getLogger("scanclust").warning(
+            "restarted by torchrun (restart %d): continuing from the checkpoints, as --resume",
+            distributed.restart_count())
+        args.resume, args.force = True, False
     if args.command == "demo":
         demo(args.out, seeds=args.seeds, overrides=overrides, resume=args.resume,
              force=args.force)

@@ -112,8 +112,9 @@ class PretextConfig:
     method: str = "simclr"  # simclr | weights (load ``weights``, e.g. MoCo v2 for ImageNet)
     weights: str | None = None
     epochs: int = 500
-    batch_size: int = 512
+    batch_size: int = 512  # the global batch: split evenly over the processes under torchrun
     temperature: float = 0.1
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="sgd", lr=0.4, weight_decay=1e-4, momentum=0.9, schedule="cosine",
         final_lr_factor=1e-3))
@@ -145,6 +146,7 @@ class ScanConfig:
     update_backbone: bool = True
     augment: str = "strong"  # strong | simclr
     cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -160,6 +162,7 @@ class SelfLabelConfig:
     cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
     plateau_tolerance: float = 0.001  # growth of the confident count below this share of N is a plateau
     patience: int | None = None  # stop after this many epochs on a plateau; None runs all epochs
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -10,6 +10,8 @@
     <run>/metrics.json, <run>/figures/, <run>/log.jsonl (one line per epoch per stage)
 
 Stages talk through these files only, so any stage can be rerun, resumed or inspected alone.
+With several processes (torchrun) only the main one writes: the writing functions below and
+``checkpoint.save_checkpoint`` do nothing in the others, which read the files after a barrier.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from scanclust import distributed
 from scanclust.errors import UserError
 
 STAGES = ("pretext", "mine", "scan", "selflabel", "evaluate")
@@ -95,12 +100,20 @@ class RunDir:
                           f"or choose another run directory")
 
     def finish(self, stage: str, summary: dict[str, Any]) -> None:
+        """Mark ``stage`` done with its ``summary``, which gains the number of processes."""
+        summary["world_size"] = distributed.world_size()
         write_json(self.summary_path(stage), summary)
 
     def summary(self, stage: str) -> dict[str, Any]:
         return read_json(self.summary_path(stage))
 
+    def save_array(self, path: Path, array: np.ndarray) -> None:
+        if distributed.is_main():
+            np.save(path, array)
+
     def log(self, stage: str, **record: Any) -> None:
+        if not distributed.is_main():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"stage": stage, "time": round(time.time(), 3), **_finite(record)})
         with open(self.root / "log.jsonl", "a") as handle:
@@ -114,6 +127,8 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write, so readers of metrics.json never see half a file."""
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

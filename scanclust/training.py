@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scanclust import distributed
 from scanclust.config import Config, ConfigError, OptimConfig, load_config, save_config
 from scanclust.rundir import STAGE_DIRS, RunDir
+from scanclust.runtime import resolve_device
 
 log = logging.getLogger("scanclust")
 
@@ -25,6 +27,9 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
     Returns ``(config, run, status)`` with status ``fresh``, ``resume`` or ``done`` (see
     ``RunDir.prepare``). The config falls back to the run's own config.yaml, and is recorded
     there only once the stage is cleared to run, so a refused call changes no file.
+
+    Under torchrun every process reads the config and joins the process group here; the main
+    process alone checks and prepares the run directory and hands the decision to the others.
     """
     run = RunDir(out)
     if config is None:
@@ -32,14 +37,22 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
             raise ConfigError(f"no config given and {run.config_path} does not exist")
         config = run.config_path
     cfg = load_config(config, overrides)
-    if needs is not None:
-        run.require(needs, stage)
-    status = run.prepare(stage, resume, force) if stage in STAGE_DIRS else "fresh"
+    distributed.setup(resolve_device(cfg.device))
+    for name in ("pretext", "scan", "selflabel"):
+        distributed.check_batch_size(getattr(cfg, name).batch_size, f"{name}.batch_size")
+
+    def prepare() -> str:
+        if needs is not None:
+            run.require(needs, stage)
+        status = run.prepare(stage, resume, force) if stage in STAGE_DIRS else "fresh"
+        if status != "done":
+            run.root.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.config_path)
+        return status
+
+    status = distributed.on_main(prepare)
     if status == "done":
         log.info("%s: already done in %s", stage, run.root)
-    else:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config_path)
     return cfg, run, status
 
 
@@ -76,9 +89,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train: bool = False,
+                  sync_batchnorm: bool = False) -> nn.Module:
     """Move to the device (NHWC weights with ``perf.channels_last``); return the callable to
     train with, compiled when ``perf.compile``. State dicts are always taken from ``model``.
+
+    With ``train`` and several processes the callable is the model under
+    DistributedDataParallel (``distributed.wrap``; SyncBatchNorm with ``sync_batchnorm``).
 
     ``perf.cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape; every
     training batch has one shape (the last partial batch is dropped), so that pays.
@@ -87,7 +104,8 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
     model.to(device)
     if cfg.perf.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.perf.compile else model
+    forward = distributed.wrap(model, device, sync_batchnorm) if train else model
+    return torch.compile(forward) if cfg.perf.compile else forward
 
 
 def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
@@ -99,7 +117,8 @@ def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
 
 def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterator:
     """A progress bar on a terminal; nothing when ``enabled`` is off or output is a file/pipe."""
-    return iter(tqdm(iterable, desc=desc, total=total, disable=None if enabled else True,
+    shown = enabled and distributed.is_main()
+    return iter(tqdm(iterable, desc=desc, total=total, disable=None if shown else True,
                      leave=False, dynamic_ncols=True))
 
 
