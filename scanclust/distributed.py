@@ -105,11 +105,17 @@ def setup(device: torch.device) -> None:
     gloo between CPU processes. Nothing happens in a single process or when a group exists."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return
+    store, own_rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    # torchrun keeps its key-value store across ``--max-restarts``: without a prefix per
+    # attempt, the restarted processes would find the dead ones' addresses and fail to connect.
+    store = dist.PrefixStore(f"scanclust/attempt_{restart_count()}", store)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", store=store, rank=own_rank, world_size=size,
+                                timeout=TIMEOUT, device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=own_rank, world_size=size,
+                                timeout=TIMEOUT)
     log.info("process %d of %d on %s", rank(), world_size(), device)
 
 

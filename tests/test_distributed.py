@@ -1,15 +1,21 @@
-"""Several processes (gloo on the CPU) against one: the global batch, gathering, mining.
+"""Several processes (gloo on the CPU) against one: the global batch, gathering, mining, and
+whole runs under torchrun (a kill, a resume, a restart).
 
-``test_two_processes_equal_one`` spawns two processes that run the same checks as the test's
-own single process, each on its half of every batch, and compares what both sides saved. Batch
-norm runs in eval mode in the step checks: SyncBatchNorm, which makes train-mode statistics
-global, exists on CUDA only, so on a CPU each process normalises its own share.
+The ``two_processes`` fixture spawns two processes that run the same checks as the test's own
+single process, each on its half of every batch, and the tests compare what both sides saved.
+Batch norm runs in eval mode in the step checks: SyncBatchNorm, which makes train-mode
+statistics global, exists on CUDA only, so on a CPU each process normalises its own share.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import scanclust
 from scanclust import distributed
+from scanclust.checkpoint import load_checkpoint
 from scanclust.config import ConfigError, load_config
 from scanclust.data.datasets import ArrayDataset
 from scanclust.data.paths import DevicePath, WorkerPath
@@ -31,8 +39,10 @@ from scanclust.scan import scan_body
 from scanclust.selflabel import selflabel_body
 from scanclust.step import TrainStep
 from scanclust.training import prepare_model
+from tests.conftest import TINY
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 BATCH = 8  # the global batch of the step checks
 
 
@@ -244,3 +254,82 @@ def test_launched_processes_take_their_local_gpu(monkeypatch: pytest.MonkeyPatch
     assert distributed.local_device(CPU) == CPU
     with pytest.raises(ConfigError, match="cuda:1 names one GPU for 4 processes"):
         distributed.local_device(torch.device("cuda", 1))
+
+
+# --- whole runs under torchrun ----------------------------------------------------------------
+
+def torchrun(*args: str, restarts: int = 0, kill: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m scanclust ARGS``; with ``kill`` the entry
+    point is tests/ddp_kill.py, which SIGKILLs one process mid-epoch (its docstring says how)."""
+    entry = [str(REPO / "tests" / "ddp_kill.py")] if kill else ["-m", "scanclust"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(kill or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "--max-restarts", str(restarts), *entry, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``scanclust run --config demo`` (tiny) on two processes: the run directory and stderr."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    result = torchrun("run", "--config", "demo", "--out", str(out), *TINY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_demo_pipeline_writes_one_run_directory(demo_run: tuple[Path, str]) -> None:
+    out, stderr = demo_run
+    assert [p.name for p in out.parent.iterdir()] == ["run"]
+    for folder in ("pretext", "neighbors", "scan", "selflabel"):
+        assert json.loads((out / folder / "summary.json").read_text())["world_size"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["stages"]) == {"kmeans", "scan", "selflabel"}
+    assert metrics["stages"]["selflabel"]["num_samples"] == 200
+    stages = [json.loads(line)["stage"] for line in (out / "log.jsonl").open()]
+    assert stages.count("pretext") == 2 and stages.count("scan") == 2  # one writer, not two
+    assert not list(out.rglob("*.tmp"))
+    assert stderr.count("pretext epoch 1/2") == 1  # only the main process logs
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_checkpoint(a), load_checkpoint(b)
+    return first["epoch"] == second["epoch"] and all(
+        torch.equal(value, second["model"][key]) for key, value in first["model"].items())
+
+
+@pytest.mark.distributed
+def test_kill_resume_and_restart_under_torchrun_equal_an_uninterrupted_run(
+        demo_run: tuple[Path, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The uninterrupted run: the demo pipeline's pretext, same config, same two processes.
+    straight = demo_run[0] / "pretext" / "checkpoint.pt"
+    args = ["pretext", "--config", "demo", *TINY]
+    kill = {"KILL_STAGE": "pretext", "KILL_EPOCH": "2", "KILL_RANK": "1"}
+    killed, restarted = tmp_path / "killed", tmp_path / "restarted"
+
+    # kill -9 of process 1 in epoch 2 stops the whole job; epoch 1's checkpoint is there
+    result = torchrun(*args, "--out", str(killed), kill=kill)
+    assert result.returncode != 0 and "exitcode  : -9" in result.stderr
+    assert load_checkpoint(killed / "pretext" / "checkpoint.pt")["epoch"] == 1
+    assert not (killed / "pretext" / "summary.json").exists()
+    other_size = tmp_path / "other_size"
+    shutil.copytree(killed, other_size)
+
+    result = torchrun(*args, "--out", str(killed), "--resume")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming at epoch 1/2" in result.stderr
+    assert same_weights(straight, killed / "pretext" / "checkpoint.pt")
+
+    # torchrun --max-restarts restarts both processes, which continue from the checkpoint
+    result = torchrun(*args, "--out", str(restarted), restarts=1, kill=kill)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "exitcode: -9" in result.stderr and "restarted by torchrun" in result.stderr
+    assert same_weights(straight, restarted / "pretext" / "checkpoint.pt")
+
+    # another number of processes may resume, with a warning
+    with caplog.at_level(logging.WARNING, logger="scanclust"):
+        summary = scanclust.pretext("demo", other_size, overrides=TINY, resume=True)
+    assert summary["world_size"] == 1 and summary["epochs"] == 2
+    assert "written by 2 process(es), this run has 1" in caplog.text
