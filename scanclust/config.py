@@ -179,7 +179,9 @@ class EvaluateConfig:
 class PerfConfig:
     """Speed switches; none changes the method, each is correct on every device."""
 
-    data_path: str = "auto"  # auto | device (data set on the device, batched augs) | workers
+    # auto | device (data set on the device, batched augs) | workers | decode (JPEG files
+    # read by workers, decoded and augmented on the device; scanclust/data/decode.py)
+    data_path: str = "auto"
     device_data_gb: float = 4.0  # auto holds a data set on the device up to this size
     channels_last: bool = True  # NHWC activations: faster convolutions with bf16 on GPUs
     compile: bool = False  # torch.compile the model (minutes of compile time, then faster)
@@ -436,7 +438,7 @@ def validate(cfg: Config) -> None:
     _require(0 < cfg.selflabel.threshold < 1, "selflabel.threshold", "must be in (0, 1)")
     _require(cfg.selflabel.ema is None or 0 < cfg.selflabel.ema < 1, "selflabel.ema",
              "must be in (0, 1) or null")
-    _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers"))
+    _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers", "decode"))
     _require(cfg.perf.device_data_gb >= 0, "perf.device_data_gb", "must be >= 0")
     _choice(cfg.perf.optimizer_impl, "perf.optimizer_impl", ("auto", "fused", "foreach", "loop"))
     for stage in ("pretext", "scan", "selflabel"):

@@ -104,7 +104,7 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
 
     augment = data.augment(dataset, {"view1": "simclr", "view2": "simclr"})
     step = TrainStep(contrastive_body(forward, augment, pc.temperature, device, cfg.amp),
-                     model.parameters(), device, cfg.perf.cuda_graphs)
+                     model.parameters(), device, cfg.perf.cuda_graphs and augment.on_device)
     stats: dict[str, float] = {}
     for epoch in range(start_epoch, pc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))

@@ -95,12 +95,13 @@ class SeededSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: SeededSampler, *, num_workers: int,
-                pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+                pin_memory: bool = False, drop_last: bool = False,
+                collate: Callable | None = None) -> DataLoader:
     """A DataLoader over ``sampler``, built once per data set and view set: its workers persist
     from epoch to epoch (``SeededSampler.set_seed`` starts the next), so a large data set does
     not pay for starting them (and copying the file list into each) every epoch."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last,
+                      pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate,
                       persistent_workers=num_workers > 0)
 
 

@@ -13,7 +13,7 @@ A stage asks a data path for two things, once per stage and once per epoch:
   ``batch_size`` (``distributed.local_batch``); with ``shard`` (inference) each process gets its
   own part of the data set (``distributed.shard_indices``) to gather afterwards.
 
-Two interchangeable paths implement this:
+Three interchangeable paths implement this:
 
 - ``WorkerPath``: per-sample torchvision transforms in DataLoader workers; batches carry the
   finished views and ``augment`` only moves them to the device. Works for any data set,
@@ -23,6 +23,8 @@ Two interchangeable paths implement this:
   (``batch_augment``), every sample with its own parameters, with one call per view kind (the
   two SimCLR views, or a SCAN anchor and its partner, are one call on twice the batch). No
   decoding, no worker processes, no host-to-device copies, no host synchronisation.
+- ``DecodePath`` (``decode.py``): image files read by DataLoader workers as bytes, decoded on
+  the device a batch at a time, then augmented as on the device path.
 
 Training steps draw their random numbers from the device's default generator, which the stages
 reseed every epoch; ``views`` (inference, cached features, tests) seeds a generator of its own.
@@ -33,11 +35,11 @@ data set fits under ``perf.device_data_gb``).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from scanclust import distributed
 from scanclust.config import Config
@@ -200,18 +202,27 @@ class WorkerPath(DataPath):
                 shard: bool) -> DataLoader:
         transforms = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
         ds = ViewsDataset(augment.dataset, transforms, augment.neighbors, partner=PARTNER)
-        batch_size, _ = num_batches(len(ds), batch_size, train)
-        if shard and not train:
-            indices = distributed.shard_indices(len(ds)).tolist()
-        else:
-            # Training: every process gets len(ds) // W samples of the epoch's permutation, and
-            # its k-th batch of batch_size / W holds its share of the k-th global batch.
-            replicas, rank = (distributed.world_size(), distributed.rank()) if train else (1, 0)
-            indices = DistributedSampler(ds, replicas, rank, shuffle=shuffle, drop_last=train)
-            batch_size //= replicas
-        return make_loader(ds, batch_size, SeededSampler(indices),
-                           num_workers=self.cfg.data.num_workers,
-                           pin_memory=self.device.type == "cuda", drop_last=train)
+        return worker_loader(ds, self.cfg, self.device, batch_size, shuffle=shuffle, train=train,
+                             shard=shard)
+
+
+def worker_loader(ds: Dataset, cfg: Config, device: torch.device, batch_size: int, *,
+                  shuffle: bool, train: bool, shard: bool,
+                  collate: Callable | None = None) -> DataLoader:
+    """A persistent DataLoader over ``ds`` whose items are asked for as ``(index, seed)``: for
+    training a ``DistributedSampler`` (one process: all samples) with this process's share of
+    the global batch size, for inference with ``shard`` this process's ``shard_indices``."""
+    batch_size, _ = num_batches(len(ds), batch_size, train)
+    if shard and not train:
+        indices = distributed.shard_indices(len(ds)).tolist()
+    else:
+        # Training: every process gets len(ds) // W samples of the epoch's permutation, and
+        # its k-th batch of batch_size / W holds its share of the k-th global batch.
+        replicas, rank = (distributed.world_size(), distributed.rank()) if train else (1, 0)
+        indices = DistributedSampler(ds, replicas, rank, shuffle=shuffle, drop_last=train)
+        batch_size //= replicas
+    return make_loader(ds, batch_size, SeededSampler(indices), num_workers=cfg.data.num_workers,
+                       pin_memory=device.type == "cuda", drop_last=train, collate=collate)
 
 
 class DevicePath(DataPath):
@@ -300,4 +311,8 @@ def data_path_for(cfg: Config, device: torch.device, dataset: ImageDataset) -> D
     choice = cfg.perf.data_path
     if choice == "auto":
         choice = "device" if fits_on_device(cfg, dataset) else "workers"
+    if choice == "decode":
+        from scanclust.data.decode import DecodePath  # it builds on this module's paths
+
+        return DecodePath(cfg, device)
     return DevicePath(cfg, device) if choice == "device" else WorkerPath(cfg, device)
