@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -139,16 +140,26 @@ def on_main(work: Callable[[], T]) -> T:
         return work()
     dist.barrier()
     box: list[Any] = [None]
+    error: Exception | None = None
     if is_main():
         try:
             box[0] = ("done", work())
         except Exception as err:  # every process raises it, so the job stops as one
-            box[0] = ("error", err)
+            error = err
+            box[0] = ("error", err if _picklable(err) else RuntimeError(f"process 0: {err}"))
     dist.broadcast_object_list(box, src=0)
     outcome, value = box[0]
     if outcome == "error":
-        raise value
+        raise error or value
     return value
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def check_batch_size(batch_size: int, key: str) -> None:
