@@ -17,8 +17,8 @@ reports mean and std. ``--profile`` then runs torch.profiler over a few steps of
 aten operators dispatched per step, and those of them that compute (leaf operators other than
 views and allocations: what launches a kernel on a GPU), on any device, so the host overhead
 can be driven down on a CPU; on CUDA also the launch calls the host makes per step (one graph
-launch plus the optimizer with CUDA graphs) and GPU busy = kernel time / wall time. Prints a table and one JSON line;
-``--json`` also writes it to a file.
+launch plus the optimizer with CUDA graphs) and GPU busy = kernel time / wall time. Prints a
+table and one JSON line; ``--json`` also writes it to a file.
 
     python benchmarks/throughput.py --repeats 2 --profile        # GPU: ResNet-18, paper batches
     python benchmarks/throughput.py --quick --profile            # CPU smoke run: tiny net

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from scanclust import distributed
 from scanclust.data.datasets import ImageDataset
 from scanclust.data.paths import (PARTNER, Augment, Batch, Batches, DataPath, draw_partners,
-                                  index_order, num_batches, to_device)
+                                  index_batches, to_device)
 from scanclust.runtime import autocast, derive_seed
 from scanclust.training import progress
 
@@ -26,22 +27,24 @@ def cache_features(backbone: nn.Module, data: DataPath, dataset: ImageDataset,
                    seed: int, store: tuple[torch.device, torch.dtype],
                    show: bool) -> torch.Tensor:
     """Backbone features ``[1 + views, N, D]``: index 0 is the eval view, 1.. are ``kind`` views,
-    kept on ``store`` = (device, dtype) as chosen by ``feature_store``."""
+    kept on ``store`` = (device, dtype) as chosen by ``feature_store``. Under torchrun each
+    process computes its shard and every process keeps the whole cache (a training batch may
+    hold any sample)."""
     backbone.eval()
     out: torch.Tensor | None = None
     for v in range(views + 1):
         batches = data.views(dataset, {"image": "eval" if v == 0 else kind}, batch_size,
-                             shuffle=False, seed=derive_seed(seed, "cache", v), train=False)
-        start = 0
+                             shuffle=False, seed=derive_seed(seed, "cache", v), train=False,
+                             shard=True)
+        chunks = []
         for batch in progress(batches, show, f"features view {v}/{views}"):
             images = to_device(batch, device)["image"]
             with autocast(device, amp):
-                f = backbone(images).to(*store)
-            if out is None:
-                out = torch.empty(views + 1, len(dataset), f.shape[1], dtype=store[1],
-                                  device=store[0])
-            out[v, start:start + len(f)] = f
-            start += len(f)
+                chunks.append(backbone(images).to(*store))
+        features = distributed.gather_rows(torch.cat(chunks), len(dataset))
+        if out is None:
+            out = torch.empty(views + 1, *features.shape, dtype=store[1], device=store[0])
+        out[v] = features
     assert out is not None
     return out
 
@@ -98,12 +101,9 @@ class FeaturePath:
         return FeatureAugment(self, views, neighbors, generator)
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
-                train: bool) -> Batches:
-        n = self.features.shape[1]
-        batch_size, count = num_batches(n, batch_size, train)
-        order = index_order(n, shuffle, seed, self.features.device)
-        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
-                        for b in range(count)), count)
+                train: bool, shard: bool = False) -> Batches:
+        return index_batches(self.features.shape[1], batch_size, shuffle=shuffle, seed=seed,
+                             train=train, shard=shard, device=self.features.device)
 
 
 def feature_store(limit_gb: float, views: int, n: int, dim: int,

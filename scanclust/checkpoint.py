@@ -18,18 +18,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from scanclust import distributed
 from scanclust.config import TEXT_READING
 from scanclust.errors import UserError
 from scanclust.rundir import atomic_write
 
 FORMAT_VERSION = 2
 
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or from another stage."""
 
 
 def save_checkpoint(path: Path, stage: str, state: dict[str, Any]) -> None:
-    payload = {"format_version": FORMAT_VERSION, "stage": stage, **state}
+    """Write ``state`` atomically, with the number of processes that trained it (in a run of
+    several processes ``atomic_write`` lets only the main one write: they all hold the same
+    weights)."""
+    payload = {"format_version": FORMAT_VERSION, "stage": stage,
+               "world_size": distributed.world_size(), **state}
     # Serialised in memory first: a full disk then fails in a plain write that says so, not
     # inside torch's zip writer ("unexpected pos ...").
     buffer = io.BytesIO()

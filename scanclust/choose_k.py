@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from scanclust.rundir import atomic_write
+
 CRITERIA = ("modularity", "silhouette")
 
 
@@ -116,6 +118,5 @@ def plot_curve(choice: KChoice, path: Path) -> None:
     ax.set_title(f"{choice.criterion} of k-means partitions: K = {choice.k} chosen", fontsize=9)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, format="png", bbox_inches="tight")
+    with atomic_write(Path(path)) as handle:
+        fig.savefig(handle, dpi=120, format="png", bbox_inches="tight")

@@ -5,9 +5,13 @@
     scanclust cluster ~/photos --out runs/photos
     scanclust predict runs/photos new/ more.jpg --csv new.csv
     scanclust demo
+    torchrun --nproc_per_node 8 -m scanclust run --config imagenet_50 --out runs/in50
 
 torch, scikit-learn and matplotlib are imported only once a command needs them, so ``--help``
 and a config error answer at once.
+
+Under torchrun only the main process logs epochs and shows progress; a process group that
+``torchrun --max-restarts`` restarted continues from the checkpoints (as with ``--resume``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from scanclust import distributed
 from scanclust.config import ConfigError, builtin_configs, load_config
 from scanclust.errors import UserError
 
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scanclust: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 OUT_OF_MEMORY = ("out of memory; lower the batch sizes (e.g. pretext.batch_size, scan.batch_size, "
@@ -152,7 +159,8 @@ OUT_OF_MEMORY = ("out of memory; lower the batch sizes (e.g. pretext.batch_size,
 
 
 def _fail(message: str) -> int:
-    print(f"scanclust: error: {message}", file=sys.stderr)
+    where = f" (process {distributed.rank()})" if distributed.active() else ""
+    print(f"scanclust: error{where}: {message}", file=sys.stderr)
     return 2
 
 
@@ -160,7 +168,9 @@ def _setup_logging(quiet: bool) -> None:
     """Our messages only: the root logger stays quiet, so libraries' INFO lines (faiss's
     'Could not load library ...' at import) do not read like failures."""
     logger = logging.getLogger("scanclust")
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    # under torchrun the other processes speak only of errors (the main one logs the run)
+    logger.setLevel(logging.ERROR if not distributed.is_main() else
+                    logging.WARNING if quiet else logging.INFO)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -182,6 +192,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.quiet:
         overrides.append("progress=false")
+    if distributed.restart_count() > 0 and not args.resume:
+        logging.getLogger("scanclust").warning(
+            "restarted by torchrun (restart %d): continuing from the checkpoints, as --resume",
+            distributed.restart_count())
+        args.resume, args.force = True, False
     if args.command == "cluster":
         from scanclust.cluster import cluster
 

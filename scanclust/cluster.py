@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.data.images import ImageReadError, list_images
 
@@ -204,6 +205,11 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
     from scanclust.report import EXPORT_MODES
 
     started = time.perf_counter()
+    if distributed.launched():
+        raise ConfigError("scanclust cluster runs in one process; for several GPUs train with "
+                          "`torchrun ... -m scanclust run --config FILE --out RUN` (data.dataset="
+                          "folder, data.root=FOLDER), then write the report with `scanclust "
+                          "report --out RUN`")
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"FOLDER {folder} is not a folder" if folder.exists()

@@ -94,7 +94,8 @@ class StrongAugConfig:
     num_ops: int = 4
     ops: list[str] = field(default_factory=lambda: list(STRONG_OPS))
     op_draw: str = "replacement"  # replacement (ops drawn independently) | distinct
-    posterize_bits: list[int] = field(default_factory=lambda: [4, 7])  # bits kept, inclusive; table: [4, 8]
+    # bits kept, inclusive (the paper's table: [4, 8])
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 7])
     interpolation: str = "nearest"  # rotate/shear/translate resampling: nearest | bilinear
     fill: int = 0  # grey level of the area a warp uncovers (0 black; 128 mid-gray)
     shear_pivot: str = "corner"  # corner (top-left) | center
@@ -135,8 +136,9 @@ class PretextConfig:
     method: str = "simclr"
     weights: str | None = None
     epochs: int = 500
-    batch_size: int = 512
+    batch_size: int = 512  # the global batch: split evenly over the processes under torchrun
     temperature: float = 0.1
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="sgd", lr=0.4, weight_decay=1e-4, momentum=0.9, schedule="cosine",
         final_lr_factor=1e-3))
@@ -168,6 +170,7 @@ class ScanConfig:
     update_backbone: bool = True
     augment: str = "strong"  # strong | simclr
     cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -183,6 +186,7 @@ class SelfLabelConfig:
     cached_views: int = 0  # frozen backbone only: precompute features of this many augmented views
     plateau_tolerance: float = 0.001  # growth of the confident count below this share of N is a plateau
     patience: int | None = None  # stop after this many epochs on a plateau; None runs all epochs
+    sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -199,7 +203,9 @@ class EvaluateConfig:
 class PerfConfig:
     """Speed switches; none changes the method, each is correct on every device."""
 
-    data_path: str = "auto"  # auto | device (data set on the device, batched augs) | workers
+    # auto | device (data set on the device, batched augs) | workers | decode (JPEG files
+    # read by workers, decoded and augmented on the device; scanclust/data/decode.py)
+    data_path: str = "auto"
     device_data_gb: float = 4.0  # auto holds a data set on the device up to this size
     channels_last: bool = True  # NHWC activations: faster convolutions with bf16 on GPUs
     compile: bool = False  # torch.compile the model (minutes of compile time, then faster)
@@ -215,7 +221,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # bf16 autocast on CUDA; ignored elsewhere
     progress: bool = True
-    checkpoint_every: int = 1  # epochs between checkpoints of a training stage (the last is always written)
+    # epochs between checkpoints of a training stage (the last is always written)
+    checkpoint_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -493,7 +500,7 @@ def validate(cfg: Config) -> None:
     _require(0 < cfg.selflabel.threshold < 1, "selflabel.threshold", "must be in (0, 1)")
     _require(cfg.selflabel.ema is None or 0 < cfg.selflabel.ema < 1, "selflabel.ema",
              "must be in (0, 1) or null")
-    _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers"))
+    _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers", "decode"))
     _require(cfg.perf.device_data_gb >= 0, "perf.device_data_gb", "must be >= 0")
     _choice(cfg.perf.optimizer_impl, "perf.optimizer_impl", ("auto", "fused", "foreach", "loop"))
     for stage in ("pretext", "scan", "selflabel"):

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scanclust import distributed
+from scanclust.config import ConfigError
 from scanclust.evaluate import format_table
 from scanclust.pipeline import format_summary, run
 
@@ -30,11 +32,15 @@ def demo(out: str | Path | None = None, *, seeds: int = 1,
          overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
          force: bool = False) -> dict[str, Any]:
     """Run the demo config end to end; prints the results table and returns the metrics."""
+    if out is None and distributed.launched():
+        # each process would look for a free folder on its own, and might find another one
+        raise ConfigError("under torchrun the demo needs --out: the processes must share it")
     target = Path(out) if out is not None else free_run_dir(DEFAULT_OUT)
     start = time.perf_counter()
     result = run("demo", target, overrides=overrides, resume=resume, force=force, seeds=seeds)
     total = time.perf_counter() - start
     table = format_summary(result) if seeds > 1 else format_table(result)
-    print(f"\nscanclust demo: digits (8x8, upsampled to 16x16), tiny ResNet, CPU-sized schedule\n"
-          f"{table}\ntotal {total:.1f} s; metrics and figures in {target}")
+    if distributed.is_main():
+        print(f"\nscanclust demo: digits (8x8, upsampled to 16x16), tiny ResNet, CPU-sized "
+              f"schedule\n{table}\ntotal {total:.1f} s; metrics and figures in {target}")
     return result

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
+from scanclust import distributed
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.paths import data_path_for
@@ -125,6 +126,21 @@ def evaluate(config: Config | str | Path | dict | None = None, out: str | Path =
     device = resolve_device(cfg.device)
     val_set = build_dataset(cfg.data, "val")
     num_clusters = _num_clusters(run, cfg, val_set)
+    # Predicting is the part every process shares (each its shard of the val split); k-means,
+    # figures and the report are the main process's alone.
+    evaluated = {}
+    loaders = {"scan": load_scan_model, "selflabel": load_selflabel_model}
+    for name, load in loaders.items():
+        if run.is_done(name):
+            model, _ = load(run)
+            evaluated[name] = evaluate_model(model, val_set, cfg, device, num_clusters, name)
+    return distributed.on_main(lambda: _report(cfg, run, val_set, num_clusters, evaluated, start))
+
+
+def _report(cfg: Config, run: RunDir, val_set: ImageDataset, num_clusters: int,
+            evaluated: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]],
+            start: float) -> dict[str, Any]:
+    """The k-means baseline, the figures and ``metrics.json``."""
     metrics: dict[str, Any] = {"dataset": cfg.data.dataset, "num_clusters": num_clusters,
                                "stages": {}, "neighbors": {}, "seconds": {}}
     mine_summary = run.summary("mine")
@@ -136,13 +152,7 @@ def evaluate(config: Config | str | Path | dict | None = None, out: str | Path =
         pred = kmeans_baseline(np.load(run.features("train")), np.load(run.features("val")),
                                num_clusters, cfg.evaluate.kmeans_restarts, cfg.seed)
         metrics["stages"]["kmeans"] = label_metrics(pred, val_set, num_clusters)
-    loaders = {"scan": load_scan_model, "selflabel": load_selflabel_model}
-    for name, load in loaders.items():
-        if not run.is_done(name):
-            continue
-        model, _ = load(run)
-        stage_metrics, probs, feats = evaluate_model(model, val_set, cfg, device, num_clusters,
-                                                     name)
+    for name, (stage_metrics, probs, feats) in evaluated.items():
         metrics["stages"][name] = stage_metrics
         sizes = np.bincount(probs.argmax(1), minlength=num_clusters)
         warning = collapse_warning(sizes, f"{name} (on the val split)")

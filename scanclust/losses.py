@@ -3,6 +3,12 @@
 All losses compute in float32 whatever the autocast dtype of the logits: the SCAN loss takes a
 log of a dot product of probabilities and the entropy of a batch mean, both of which lose
 their meaning in bf16 when predictions become confident.
+
+With ``global_batch=True`` (the training steps) each process passes its share of a batch split
+over several processes (``scanclust.distributed``), and every term that looks across the batch
+is taken over the whole global batch: the mean of the processes' losses is the loss of the
+global batch, and DistributedDataParallel's average of their gradients is its gradient. In a
+single process the flag changes nothing.
 """
 
 from __future__ import annotations
@@ -10,21 +16,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from scanclust import distributed
+
 EPS = 1e-8
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+            global_batch: bool = False) -> torch.Tensor:
     """SimCLR's normalised-temperature cross-entropy for two batches of L2-normalised embeddings.
 
-    Each of the 2B embeddings must pick out its partner among the other 2B - 1.
+    Each of the 2B embeddings must pick out its partner among the other 2B - 1. With
+    ``global_batch`` the candidates are the embeddings of all processes (gathered with their
+    gradient), so every process's rows see the negatives of the whole global batch.
     """
-    z = torch.cat([z1, z2]).float()
+    z1, z2 = z1.float(), z2.float()
     n = z1.shape[0]
-    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
-    # Row i's partner is i + n (mod 2n), made on the device: no host copy inside a step.
-    target = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
-    return F.cross_entropy(logits, target)
+    keys1, keys2 = (distributed.gather(z1), distributed.gather(z2)) if global_batch else (z1, z2)
+    total = keys1.shape[0]
+    offset = distributed.rank() * n if global_batch else 0
+    logits = torch.cat([z1, z2]) @ torch.cat([keys1, keys2]).T / temperature
+    # Local row i (of 2n) sits in column own[i] of the global 2N candidates and its partner in
+    # the other view's column; both made on the device: no host copy inside a step.
+    rows = torch.arange(2 * n, device=z1.device)
+    own = offset + rows % n + (rows >= n) * total
+    partner = offset + rows % n + (rows < n) * total
+    logits = logits.scatter(1, own[:, None], float("-inf"))
+    return F.cross_entropy(logits, partner)
 
 
 def cluster_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -39,26 +56,33 @@ def cluster_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor,
-              entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              entropy_weight: float,
+              global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SCAN loss (paper eq. 2) per head: ``consistency - entropy_weight * entropy``.
 
     Logits are ``[B, C]`` or ``[H, B, C]``; returns ``(total, consistency, entropy)``, each a
     scalar or an ``[H]`` vector. consistency = -mean log <p(anchor), p(neighbor)>; entropy is
     that of the batch-mean prediction, which the loss maximises so that samples spread over
-    the clusters instead of collapsing into one.
+    the clusters instead of collapsing into one. With ``global_batch`` that mean is over the
+    global batch of all processes (a sum with gradient): a share of 16 images out of 128 would
+    otherwise push each process's own few samples apart.
     """
     p_anchor = cluster_probabilities(anchor_logits)
     p_neighbor = cluster_probabilities(neighbor_logits)
     similarity = (p_anchor * p_neighbor).sum(-1)
     consistency = -torch.log(similarity.clamp_min(EPS)).mean(-1)
-    p_mean = p_anchor.mean(-2)
+    if global_batch:
+        count = p_anchor.shape[-2] * distributed.world_size()
+        p_mean = distributed.sum_with_grad(p_anchor.sum(-2)) / count
+    else:
+        p_mean = p_anchor.mean(-2)
     entropy = -(p_mean * torch.log(p_mean.clamp_min(EPS))).sum(-1)
     return consistency - entropy_weight * entropy, consistency, entropy
 
 
 def masked_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
-                         threshold: float,
-                         class_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         threshold: float, class_balance: bool = True,
+                         global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-label loss: cross-entropy on the strong view against confident weak-view labels.
 
     A sample is confident when its max softmax probability on the weak view exceeds
@@ -72,7 +96,13 @@ def masked_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
     every sample instead of selecting rows, so shapes never depend on the data and nothing
     waits for the host; with no confident sample the loss is 0 with zero gradients, a normal
     event early in training, which the caller skips and counts.
+
+    With ``global_batch`` the class counts, the normaliser and the returned count are those of
+    the global batch (sums without gradient: they come from the detached weak view), and the
+    process's share of the loss is scaled by the number of processes, so that the processes'
+    mean loss and mean gradient are those of the global batch.
     """
+    reduce = distributed.reduce_sum if global_batch else (lambda x: x)
     probs = F.softmax(weak_logits.detach().float(), dim=-1)
     max_prob, target = probs.max(dim=-1)
     mask = (max_prob > threshold).float()
@@ -80,6 +110,7 @@ def masked_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
     weight = mask
     if class_balance:
         counts = torch.zeros(probs.shape[-1], device=mask.device).scatter_add_(0, target, mask)
-        weight = mask * (1.0 / counts.clamp_min(1.0))[target]
-    loss = (weight * per_sample).sum() / weight.sum().clamp_min(EPS)
-    return loss, mask.sum().to(torch.long)
+        weight = mask * (1.0 / reduce(counts).clamp_min(1.0))[target]
+    share = distributed.world_size() if global_batch else 1
+    loss = share * (weight * per_sample).sum() / reduce(weight.sum()).clamp_min(EPS)
+    return loss, reduce(mask.sum()).to(torch.long)

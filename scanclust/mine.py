@@ -3,6 +3,12 @@
 Similarities are computed one ``chunk_size x chunk_size`` block at a time, keeping a running
 top-K per row, so memory is bounded and never ``N x N`` (1.28M ImageNet images would need
 6.5 TB for the full matrix).
+
+Under torchrun each process embeds its shard of the images; the features are gathered in every
+process, each finds the neighbours of its shard of the queries, and those are gathered again.
+Per process that holds the N x D features twice (the gathered copy and a normalised one on the
+device), one block, and the N x K results: for ImageNet's 1.28M x 128 features with K = 20,
+0.66 GB + 0.66 GB + 64 MB + 0.3 GB (``benchmarks/mining_scale.py`` measures it).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scanclust import distributed
 from scanclust.checkpoint import load_checkpoint, load_state
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
@@ -35,23 +42,26 @@ PURITY_KS = (1, 5, 20)
 def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], data: DataPath,
                      dataset: ImageDataset, batch_size: int, device: torch.device, amp: bool,
                      channels_last: bool, show: bool, desc: str = "features") -> torch.Tensor:
-    """``encode`` applied to the eval view of every image, in data set order, float32 on CPU."""
+    """``encode`` applied to the eval view of every image, in data set order, float32 on CPU
+    (under torchrun each process encodes its shard and all receive every row)."""
     batches = data.views(dataset, {"image": "eval"}, batch_size, shuffle=False, seed=0,
-                         train=False)
+                         train=False, shard=True)
     chunks = []
     for batch in progress(batches, show, desc):
         images = to_device(batch, device, channels_last)["image"]
         with autocast(device, amp):
             chunks.append(encode(images).float().cpu())
-    return torch.cat(chunks)
+    return distributed.gather_rows(torch.cat(chunks), len(dataset))
 
 
 @torch.no_grad()
 def knn(features: torch.Tensor, k: int, chunk_size: int = 4096,
-        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` cosine neighbours of every row among the other rows.
+        device: torch.device | str = "cpu",
+        queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` cosine neighbours of every row (or of the rows ``queries``) among the
+    other rows.
 
-    Returns ``(indices [N, k] int64, similarities [N, k])``, most similar first. Works on
+    Returns ``(indices [Q, k] int64, similarities [Q, k])``, most similar first. Works on
     ``chunk_size x chunk_size`` blocks of the similarity matrix, merging each block's top-k
     into a running top-k, so memory stays bounded whatever N. The row itself is excluded by
     position, not by value, so duplicate images still find each other.
@@ -60,16 +70,18 @@ def knn(features: torch.Tensor, k: int, chunk_size: int = 4096,
     if k >= n:
         raise ValueError(f"cannot find {k} neighbours among {n} samples")
     feats = F.normalize(features.float(), dim=1).to(device)
-    indices = torch.empty(n, k, dtype=torch.long)
-    sims = torch.empty(n, k)
-    for q0 in range(0, n, chunk_size):
-        queries = feats[q0:q0 + chunk_size]
-        rows = torch.arange(len(queries), device=feats.device)
-        best_sims = torch.full((len(queries), 0), float("-inf"), device=feats.device)
-        best_idx = torch.empty((len(queries), 0), dtype=torch.long, device=feats.device)
+    query_rows = (torch.arange(n) if queries is None else queries).to(feats.device)
+    indices = torch.empty(len(query_rows), k, dtype=torch.long)
+    sims = torch.empty(len(query_rows), k)
+    for q0 in range(0, len(query_rows), chunk_size):
+        positions = query_rows[q0:q0 + chunk_size]
+        queries_block = feats[positions]
+        rows = torch.arange(len(positions), device=feats.device)
+        best_sims = torch.full((len(positions), 0), float("-inf"), device=feats.device)
+        best_idx = torch.empty((len(positions), 0), dtype=torch.long, device=feats.device)
         for d0 in range(0, n, chunk_size):
-            block = queries @ feats[d0:d0 + chunk_size].T
-            own = rows + q0 - d0  # column of each query's own row inside this block
+            block = queries_block @ feats[d0:d0 + chunk_size].T
+            own = positions - d0  # column of each query's own row inside this block
             inside = (own >= 0) & (own < block.shape[1])
             block[rows[inside], own[inside]] = float("-inf")
             top_sims, top_idx = block.topk(min(k, block.shape[1]), dim=1)
@@ -79,13 +91,15 @@ def knn(features: torch.Tensor, k: int, chunk_size: int = 4096,
                 best_sims, order = best_sims.topk(k, dim=1)
                 best_idx = best_idx.gather(1, order)
         best_sims, order = best_sims.topk(k, dim=1)
-        indices[q0:q0 + len(queries)] = best_idx.gather(1, order).cpu()
-        sims[q0:q0 + len(queries)] = best_sims.cpu()
+        indices[q0:q0 + len(positions)] = best_idx.gather(1, order).cpu()
+        sims[q0:q0 + len(positions)] = best_sims.cpu()
     return indices, sims
 
 
-def knn_faiss(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` cosine neighbours with faiss's flat inner-product index (CPU).
+def knn_faiss(features: torch.Tensor, k: int, queries: torch.Tensor | None = None,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` cosine neighbours with faiss's flat inner-product index: on the GPU of
+    ``device`` with a faiss built for GPUs (faiss-gpu), else on the CPU.
 
     Same contract as ``knn``. faiss returns each row among its own results; it is removed by
     position, and where k + 1 exact duplicates push it out, the last result is dropped instead.
@@ -97,13 +111,18 @@ def knn_faiss(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"cannot find {k} neighbours among {n} samples")
     feats = F.normalize(features.float(), dim=1).numpy()
     index = faiss.IndexFlatIP(feats.shape[1])
+    device = torch.device(device)
+    if device.type == "cuda" and faiss_gpus() > 0:
+        resources = faiss.StandardGpuResources()  # must outlive the search below
+        index = faiss.index_cpu_to_gpu(resources, device.index or 0, index)
     index.add(feats)
-    sims, idx = index.search(feats, k + 1)
-    own = idx == np.arange(n)[:, None]
+    rows = np.arange(n) if queries is None else queries.numpy()
+    sims, idx = index.search(feats[rows], k + 1)
+    own = idx == rows[:, None]
     own[~own.any(1), k] = True
     keep = ~own
-    return (torch.from_numpy(idx[keep].reshape(n, k)).long(),
-            torch.from_numpy(sims[keep].reshape(n, k)))
+    return (torch.from_numpy(idx[keep].reshape(len(rows), k)).long(),
+            torch.from_numpy(sims[keep].reshape(len(rows), k)))
 
 
 def faiss_available() -> bool:
@@ -114,21 +133,35 @@ def faiss_available() -> bool:
     return True
 
 
+def faiss_gpus() -> int:
+    """GPUs a GPU build of faiss sees (0 for faiss-cpu or without faiss)."""
+    if not faiss_available():
+        return 0
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def mine_neighbors(features: torch.Tensor, k: int, backend: str, chunk_size: int,
                    device: torch.device) -> torch.Tensor:
     """Top-k neighbour indices with the configured backend.
 
-    ``auto`` takes the chunked matmul on a GPU and faiss on the CPU when it is installed: the
-    faster of the two on each (``benchmarks/mining.py`` times both).
+    ``auto`` takes faiss where it runs on the device (faiss-gpu on a GPU, faiss on the CPU), the
+    chunked matmul otherwise: the faster on each (``benchmarks/mining.py`` times them). Under
+    torchrun each process searches for its shard of the queries, and all receive every row.
     """
     if backend == "auto":
-        backend = "faiss" if device.type == "cpu" and faiss_available() else "torch"
+        on_device = faiss_gpus() > 0 if device.type == "cuda" else device.type == "cpu"
+        backend = "faiss" if on_device and faiss_available() else "torch"
+    if backend == "faiss" and not faiss_available():
+        raise ConfigError("config key 'mine.backend': faiss is not installed "
+                          "(pip install 'scanclust[fast]'), use torch or auto")
+    queries = distributed.shard_indices(len(features))
     if backend == "faiss":
-        if not faiss_available():
-            raise ConfigError("config key 'mine.backend': faiss is not installed "
-                              "(pip install 'scanclust[fast]'), use torch or auto")
-        return knn_faiss(features, k)[0]
-    return knn(features, k, chunk_size, device)[0]
+        found = knn_faiss(features, k, queries, device)[0]
+    else:
+        found = knn(features, k, chunk_size, device, queries)[0]
+    return distributed.gather_rows(found, len(features))
 
 
 def neighbor_purity(neighbors: np.ndarray, targets: np.ndarray,

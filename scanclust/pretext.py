@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from scanclust import distributed
 from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config
 from scanclust.data import build_dataset
@@ -36,14 +37,15 @@ def build_contrastive_model(cfg: Config) -> ContrastiveModel:
 
 def contrastive_body(forward: Callable, augment: Augment, temperature: float,
                      device: torch.device, amp: bool) -> Callable[[Batch], Batch]:
-    """The pretext step's body (``scanclust.step``): two SimCLR views, NT-Xent, gradients."""
+    """The pretext step's body (``scanclust.step``): two SimCLR views, NT-Xent over the global
+    batch, gradients."""
 
     def body(batch: Batch) -> Batch:
         views = augment(batch)
         # One forward pass over both views: batch norm sees the same statistics for each.
         with autocast(device, amp):
             z1, z2 = forward(torch.cat([views["view1"], views["view2"]])).chunk(2)
-        loss = nt_xent(z1, z2, temperature)
+        loss = nt_xent(z1, z2, temperature, global_batch=True)
         loss.backward()
         return {"loss": loss.detach()}
 
@@ -65,8 +67,9 @@ def train_one_epoch(model: nn.Module, step: TrainStep, batches: Batches,
         total += out["loss"]
         steps += 1
         images += len(batch["index"])
-    mean_loss = float(total) / max(steps, 1)  # the epoch's only host sync
+    mean_loss = float(distributed.mean_over_processes(total)) / max(steps, 1)  # one host sync
     seconds = time.perf_counter() - start
+    images *= distributed.world_size()
     return {"loss": mean_loss, "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -89,13 +92,14 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
     dataset = build_dataset(cfg.data, "pretext")
     pc = cfg.pretext
     data = data_path_for(cfg, device, dataset)
-    forward = prepare_model(model, cfg, device)
+    forward = prepare_model(model, cfg, device, train=True, sync_batchnorm=pc.sync_batchnorm)
     steps_per_epoch = num_batches(len(dataset), pc.batch_size, True)[1]
     optimizer = build_optimizer(model.parameters(), pc.optim, cfg.perf.optimizer_impl)
     scheduler = build_scheduler(optimizer, pc.optim, steps_per_epoch * pc.epochs)
     start_epoch, seconds = 0, 0.0
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+        distributed.check_resume(state, STAGE)
         load_state(model, state["model"], run.checkpoint(STAGE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -105,7 +109,7 @@ def pretext(config: Config | str | Path | dict | None = None, out: str | Path = 
 
     augment = data.augment(dataset, {"view1": "simclr", "view2": "simclr"})
     step = TrainStep(contrastive_body(forward, augment, pc.temperature, device, cfg.amp),
-                     model.parameters(), device, cfg.perf.cuda_graphs)
+                     model.parameters(), device, cfg.perf.cuda_graphs and augment.on_device)
     stats: dict[str, float] = {}
     for epoch in range(start_epoch, pc.epochs):
         seed_all(derive_seed(cfg.seed, STAGE, epoch))

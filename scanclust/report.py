@@ -27,7 +27,7 @@ import numpy as np
 
 from scanclust.config import Config
 from scanclust.errors import UserError
-from scanclust.rundir import RunDir, read_json, write_json
+from scanclust.rundir import RunDir, atomic_write, read_json, write_json
 
 STAGE = "report"
 PROTOTYPES = 5  # per cluster, listed in clusters.json and shown first in the report
@@ -109,7 +109,8 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
 
     page = render_report(run, cfg, dataset, paths, pred, confidence, prototypes, clusters,
                          skipped)
-    (run.root / "report.html").write_text(page, encoding="utf-8")
+    with atomic_write(run.root / "report.html") as handle:
+        handle.write(page.encode("utf-8"))
     summary = {"seconds": time.perf_counter() - started, "num_images": len(paths),
                "num_skipped": len(skipped), "num_clusters": int(probs.shape[1]),
                "export": export, "report": str(run.root / "report.html")}
@@ -132,14 +133,14 @@ def _relative(path: Path, root: Path) -> str:
 def write_assignments(path: Path, paths: list[str], pred: np.ndarray, confidence: np.ndarray,
                       is_prototype: np.ndarray) -> None:
     """One row per image, in folder order; confidence is the max probability (6 decimals)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "cluster", "confidence", "prototype"])
-        for i, name in enumerate(paths):
-            writer.writerow([name, int(pred[i]), f"{float(confidence[i]):.6f}",
-                             "true" if is_prototype[i] else "false"])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "cluster", "confidence", "prototype"])
+    for i, name in enumerate(paths):
+        writer.writerow([name, int(pred[i]), f"{float(confidence[i]):.6f}",
+                         "true" if is_prototype[i] else "false"])
+    with atomic_write(path) as handle:
+        handle.write(text.getvalue().encode("utf-8"))
 
 
 def cluster_summary(pred: np.ndarray, confidence: np.ndarray, prototypes: dict[int, list[int]],
@@ -156,7 +157,8 @@ def cluster_summary(pred: np.ndarray, confidence: np.ndarray, prototypes: dict[i
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     lines = [f"{name}\t{reason}\n" for name, reason in skipped]
-    path.write_text("".join(lines), encoding="utf-8")
+    with atomic_write(path) as handle:
+        handle.write("".join(lines).encode("utf-8"))
 
 
 def export_clusters(folder: Path, dataset, pred: np.ndarray, mode: str) -> None:

@@ -25,8 +25,10 @@ Three rules keep the folder from ever holding a mix of results:
   a killed process are removed by the next one that takes the lock.
 
 Every write goes through ``RunDir`` or ``atomic_write`` (which ``save_checkpoint`` and the figures
-use), so a multi-process run needs its one "rank 0 writes" check in ``RunDir.lock``,
-``RunDir.log`` and ``atomic_write``.
+use). With several processes (torchrun) only the main one writes: ``RunDir.lock``,
+``RunDir.log`` and ``atomic_write`` do nothing in the others, and ``training.begin_stage`` runs
+the planning (``plan``, ``start``) in the main process alone (``distributed.on_main``); the
+others read the files after a barrier.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -48,6 +51,7 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 import yaml
 
+from scanclust import distributed
 from scanclust.config import ConfigError
 from scanclust.errors import UserError
 
@@ -160,7 +164,7 @@ class RunDir:
         or read-only parent is reported before any work starts.
         """
         key = str(self.root.resolve())
-        if key in _HELD:
+        if key in _HELD or not distributed.is_main():
             return
         created = not self.root.exists()
         try:
@@ -211,9 +215,9 @@ class RunDir:
     def _remove_orphans(self) -> None:
         """Temporary files of a process killed while writing: never complete, never read."""
         folders = [self.root, self.figures] + [self.root / d for d in STAGE_DIRS.values()]
-        for folder in folders:
+        for folder in folders + [self.root / "cache"]:  # cache: ``data/cache.py``'s decodes
             if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
+                for tmp in [*folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
                     tmp.unlink(missing_ok=True)
 
     # --- lineage: what each stage was built from --------------------------------------------
@@ -342,10 +346,12 @@ class RunDir:
                             yaml.safe_dump(cfg, sort_keys=False))
 
     def finish(self, stage: str, summary: dict[str, Any]) -> None:
-        """Record the output's hash, then the summary that marks the stage finished."""
+        """Record the output's hash, then the summary that marks the stage finished (with the
+        number of processes that made it)."""
         path = self.lineage_path(stage)
         recorded = read_json(path) if path.is_file() else {}
         write_json(path, {**recorded, "output": self.output_digest(stage)})
+        summary["world_size"] = distributed.world_size()
         write_json(self.summary_path(stage), summary)
 
     def summary(self, stage: str) -> dict[str, Any]:
@@ -354,6 +360,8 @@ class RunDir:
     # --- writing ----------------------------------------------------------------------------
 
     def log(self, stage: str, **record: Any) -> None:
+        if not distributed.is_main():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"stage": stage, "time": round(time.time(), 3), **_finite(record)},
                           allow_nan=False)
@@ -496,6 +504,9 @@ def atomic_write(path: Path, error: type[UserError] = RunDirError,
     previous file as it was and raises ``error``: one line naming the file and the reason.
     """
     path = Path(path)
+    if not distributed.is_main():  # the main process writes the same bytes
+        yield io.BytesIO()
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from scanclust import distributed
 from scanclust.config import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error.
+    Under torchrun with several processes, ``cuda`` means this process's ``cuda:LOCAL_RANK``."""
+    return distributed.local_device(_device(name))
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -52,12 +58,19 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return zlib.crc32(key) & 0x7FFFFFFF
 
 
+def process_seed(seed: int) -> int:
+    """``seed`` for the main process, a seed derived from it and the rank for the others: the
+    processes of one run draw different augmentations, each reproducibly."""
+    return seed if distributed.rank() == 0 else derive_seed(seed, "rank", distributed.rank())
+
+
 def seed_all(seed: int) -> None:
-    """Seed every generator a stage draws from.
+    """Seed every generator a stage draws from (``process_seed``: per process).
 
     Stages reseed at the start of every epoch from (seed, stage, epoch), so a resumed run draws
     the same augmentations and batches as an uninterrupted one.
     """
+    seed = process_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

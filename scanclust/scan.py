@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from scanclust import distributed
 from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config, ConfigError, ScanConfig, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
@@ -24,7 +25,7 @@ from scanclust.data.paths import (Augment, Batch, Batches, DataPath, data_path_f
                                   to_device)
 from scanclust.health import check_finite, collapse_warning
 from scanclust.losses import EPS, scan_loss
-from scanclust.models import ClusterModel, backbone_state, build_backbone
+from scanclust.models import ClusterModel, Heads, backbone_state, build_backbone
 from scanclust.preflight import num_clusters
 from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
@@ -55,14 +56,16 @@ def set_train_mode(model: ClusterModel, update_backbone: bool) -> None:
 def scan_body(forward: Callable, augment: Augment, entropy_weight: float, device: torch.device,
               amp: bool) -> Callable[[Batch], Batch]:
     """The SCAN step's body (``scanclust.step``): anchors and partners through ``forward`` (the
-    model on images, or its heads on cached features) in one pass, SCAN loss, gradients."""
+    model on images, or its heads on cached features) in one pass, SCAN loss (entropy of the
+    global batch's mean prediction), gradients."""
 
     def body(batch: Batch) -> Batch:
         views = augment(batch)
         with autocast(device, amp):
             logits = forward(torch.cat([views["anchor"], views["neighbor"]]))
         anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
-        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight)
+        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight,
+                                                global_batch=True)
         total.sum().backward()
         return {"loss": torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()}
 
@@ -85,8 +88,10 @@ def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
         sums += out["loss"]
         steps += 1
         images += len(batch["index"])
+    sums = distributed.mean_over_processes(sums)
     loss, consistency, entropy = (sums / max(steps, 1)).tolist()  # the epoch's only host sync
     seconds = time.perf_counter() - start
+    images *= distributed.world_size()
     return {"loss": loss, "consistency": consistency, "entropy": entropy,
             "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
@@ -95,10 +100,11 @@ def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
 def predict_logits(model: ClusterModel, data: DataPath, dataset: ImageDataset,
                    batch_size: int, device: torch.device, amp: bool, channels_last: bool,
                    show: bool, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-view logits ``[H, N, C]`` and backbone features ``[N, D]`` of a whole split."""
+    """Eval-view logits ``[H, N, C]`` and backbone features ``[N, D]`` of a whole split (under
+    torchrun each process predicts its shard, and all receive the whole split)."""
     model.eval()
     batches = data.views(dataset, {"image": "eval"}, batch_size, shuffle=False, seed=0,
-                         train=False)
+                         train=False, shard=True)
     logits, feats = [], []
     for batch in progress(batches, show, desc):
         images = to_device(batch, device, channels_last)["image"]
@@ -106,7 +112,9 @@ def predict_logits(model: ClusterModel, data: DataPath, dataset: ImageDataset,
             f = model.backbone(images)
             logits.append(model.forward_heads(f).float().cpu())
         feats.append(f.float().cpu())
-    return torch.cat(logits, dim=1), torch.cat(feats)
+    n = len(dataset)
+    logits_by_sample = distributed.gather_rows(torch.cat(logits, dim=1).transpose(0, 1), n)
+    return logits_by_sample.transpose(0, 1), distributed.gather_rows(torch.cat(feats), n)
 
 
 def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weight: float,
@@ -187,7 +195,8 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     load_state(model.backbone, backbone_state(pretext_state["model"]), run.checkpoint("pretext"))
     if not sc.update_backbone:
         freeze_backbone(model)
-    forward = prepare_model(model, cfg, device)
+    forward = prepare_model(model, cfg, device, train=not sc.cached_views,
+                            sync_batchnorm=sc.sync_batchnorm)
 
     train_neighbors = load_neighbors(run, "train", sc.num_neighbors)
     if len(train_neighbors) != len(train_set):
@@ -202,7 +211,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     views = {"anchor": sc.augment, "neighbor": sc.augment}
     if sc.cached_views:
         features, val_features = _cache(model, cfg, data, train_set, val_data, val_set, device)
-        forward, data = model.forward_heads, features
+        forward, data = distributed.wrap(Heads(model), device, False), features
         augment = features.augment(views, partners)
     else:
         augment = data.augment(train_set, views, partners)
@@ -215,6 +224,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
     history: list[list[float]] = []
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+        distributed.check_resume(state, STAGE)
         load_state(model, state["model"], run.checkpoint(STAGE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

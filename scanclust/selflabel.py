@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from scanclust import distributed
 from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config, load_config
 from scanclust.cached import FeaturePath, cache_features, feature_store
@@ -21,7 +22,7 @@ from scanclust.data import build_dataset
 from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
 from scanclust.health import check_finite
 from scanclust.losses import masked_cross_entropy
-from scanclust.models import ClusterModel
+from scanclust.models import ClusterModel, Heads
 from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.scan import build_cluster_model, freeze_backbone, load_scan_model, set_train_mode
@@ -35,8 +36,8 @@ STAGE = "selflabel"
 def selflabel_body(forward: Callable, augment: Augment, threshold: float, class_balance: bool,
                    device: torch.device, amp: bool) -> Callable[[Batch], Batch]:
     """The self-label step's body (``scanclust.step``): weak and strong views, the confidence-
-    masked cross-entropy, gradients; ``forward`` is the model on images or its heads on
-    features."""
+    masked cross-entropy (mask counts and class weights of the global batch), gradients;
+    ``forward`` is the model on images or its heads on features."""
 
     def body(batch: Batch) -> Batch:
         views = augment(batch)
@@ -45,7 +46,7 @@ def selflabel_body(forward: Callable, augment: Augment, threshold: float, class_
                 weak_logits = forward(views["weak"])[0]
             strong_logits = forward(views["strong"])[0]
         loss, confident = masked_cross_entropy(weak_logits, strong_logits, threshold,
-                                               class_balance)
+                                               class_balance, global_batch=True)
         loss.backward()
         return {"loss": loss.detach(), "confident": confident}
 
@@ -61,7 +62,8 @@ def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
 
     A batch without a confident sample is skipped (no optimizer step) and counted. Deciding
     that needs the count on the host, one sync per step after the step's kernels are queued;
-    it is the price of a loss that may not exist.
+    it is the price of a loss that may not exist. The count is the global batch's, so every
+    process decides alike.
     """
     set_train_mode(model, update_backbone)
     loss_sum = torch.zeros((), device=device)
@@ -81,8 +83,9 @@ def train_one_epoch(model: ClusterModel, step: TrainStep, batches: Batches,
             ema.update_parameters(model)
         loss_sum += out["loss"]
         steps += 1
-    mean_loss = float(loss_sum) / max(steps, 1)
+    mean_loss = float(distributed.mean_over_processes(loss_sum)) / max(steps, 1)
     seconds = time.perf_counter() - start
+    images *= distributed.world_size()
     return {"loss": mean_loss, "confident": confident, "skipped_batches": skipped,
             "images_per_s": images / max(seconds, 1e-9), "seconds": seconds}
 
@@ -101,7 +104,8 @@ def selflabel(config: Config | str | Path | dict | None = None,
     model, _ = load_scan_model(run)
     if not sl.update_backbone:
         freeze_backbone(model)
-    forward = prepare_model(model, cfg, device)
+    forward = prepare_model(model, cfg, device, train=not sl.cached_views,
+                            sync_batchnorm=sl.sync_batchnorm)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(sl.ema), use_buffers=True)
            if sl.ema is not None else None)
     dataset = build_dataset(cfg.data, "train")
@@ -114,7 +118,8 @@ def selflabel(config: Config | str | Path | dict | None = None,
                                cfg.evaluate.batch_size, device, cfg.amp, cfg.seed, store,
                                cfg.progress)
         data = FeaturePath(feats, torch.from_numpy(dataset.targets).to(store[0]), device)
-        forward, augment = model.forward_heads, data.augment(views)
+        forward = distributed.wrap(Heads(model), device, False)
+        augment = data.augment(views)
     else:
         augment = data.augment(dataset, views)
     steps_per_epoch = num_batches(len(dataset), sl.batch_size, True)[1]
@@ -127,6 +132,7 @@ def selflabel(config: Config | str | Path | dict | None = None,
     history: list[int] = []
     if status == "resume":
         state = load_checkpoint(run.checkpoint(STAGE), STAGE)
+        distributed.check_resume(state, STAGE)
         load_state(model, state["model"], run.checkpoint(STAGE))
         if ema is not None:
             load_state(ema, state["ema"], run.checkpoint(STAGE))

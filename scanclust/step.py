@@ -19,7 +19,8 @@ A ``body(batch) -> stats`` must:
   caller consumes them (accumulates them on the device) before the next call.
 
 On a CPU, or with ``perf.cuda_graphs=false``, the body simply runs each step: the graph changes
-when kernels are launched, not what they compute.
+when kernels are launched, not what they compute. So it does with several processes (torchrun):
+DistributedDataParallel's gradient all-reduce is not captured.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from scanclust import distributed
 
 Batch = dict[str, torch.Tensor]
 log = logging.getLogger("scanclust")
@@ -47,7 +50,7 @@ class TrainStep:
                  device: torch.device, graph: bool, warmup: int = 3) -> None:
         self.body = body
         self.parameters = [p for p in parameters if p.requires_grad]
-        self.use_graph = graph and device.type == "cuda"
+        self.use_graph = graph and device.type == "cuda" and not distributed.active()
         self.device = device
         self.warmup = warmup
         self.calls = 0

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scanclust import distributed
 from scanclust.config import Config, ConfigError, OptimConfig, load_config
 from scanclust.preflight import preflight
 from scanclust.rundir import RunDir
@@ -30,6 +31,10 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
     and, before pretext trains, the limits of the later stages. Only then is any file written,
     so a refused call changes nothing. The lock is held until the stage function returns
     (``rundir.exclusive``) or the process ends.
+
+    Under torchrun every process reads the config and joins the process group here; the main
+    process alone takes the lock, plans and prepares the run directory, and hands the decision
+    (or the refusal) to the others.
     """
     run = RunDir(out)
     if config is None:
@@ -37,15 +42,22 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
             raise ConfigError(f"no config given and {run.config_path} does not exist")
         config = run.config_path
     cfg = load_config(config, overrides)
-    resolve_device(cfg.device)
-    run.lock()
-    settings = cfg.to_dict()
-    status, notes = run.plan(stage, settings, resume, force, needs=needs)
-    for note in notes:
-        log.warning("warning: %s", note)
-    if stage == "pretext" and status != "done" and cfg.pretext.method == "simclr":
-        preflight(cfg)
-    run.start(stage, status, settings)
+    distributed.setup(resolve_device(cfg.device))
+    for name in ("pretext", "scan", "selflabel"):
+        distributed.check_batch_size(getattr(cfg, name).batch_size, f"{name}.batch_size")
+
+    def prepare() -> str:
+        run.lock()
+        settings = cfg.to_dict()
+        status, notes = run.plan(stage, settings, resume, force, needs=needs)
+        for note in notes:
+            log.warning("warning: %s", note)
+        if stage == "pretext" and status != "done" and cfg.pretext.method == "simclr":
+            preflight(cfg)
+        run.start(stage, status, settings)
+        return status
+
+    status = distributed.on_main(prepare)
     if status == "done":
         log.info("%s: already done in %s", stage, run.root)
     return cfg, run, status
@@ -84,9 +96,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train: bool = False,
+                  sync_batchnorm: bool = False) -> nn.Module:
     """Move to the device (NHWC weights with ``perf.channels_last``); return the callable to
     train with, compiled when ``perf.compile``. State dicts are always taken from ``model``.
+
+    With ``train`` and several processes the callable is the model under
+    DistributedDataParallel (``distributed.wrap``; SyncBatchNorm with ``sync_batchnorm``).
 
     ``perf.cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape; every
     training batch has one shape (the last partial batch is dropped), so that pays.
@@ -95,7 +111,8 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
     model.to(device)
     if cfg.perf.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.perf.compile else model
+    forward = distributed.wrap(model, device, sync_batchnorm) if train else model
+    return torch.compile(forward) if cfg.perf.compile else forward
 
 
 def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
@@ -107,7 +124,8 @@ def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
 
 def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterator:
     """A progress bar on a terminal; nothing when ``enabled`` is off or output is a file/pipe."""
-    return iter(tqdm(iterable, desc=desc, total=total, disable=None if enabled else True,
+    shown = enabled and distributed.is_main()
+    return iter(tqdm(iterable, desc=desc, total=total, disable=None if shown else True,
                      leave=False, dynamic_ncols=True))
 
 

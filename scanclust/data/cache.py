@@ -69,13 +69,15 @@ def decoded_images(paths: list[Path], size: int, cache_dir: str | Path | None,
             images = np.load(array_path, mmap_mode="c")  # writable view, file never written
             return images[:len(paths) - len(failures)], failures
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{array_path.name}.partial"
+    # Named per process: processes of one torchrun job that share a cache_dir each decode into
+    # their own file, and the renames leave one complete copy.
+    tmp = folder / f".{array_path.name}.{os.getpid()}.partial"
     images, failures = _decode(paths, size, tmp, progress, desc)
     del images
     os.replace(tmp, array_path)
     meta = {"format": FORMAT, "size": size, "count": len(paths),
             "failures": {str(k): v for k, v in sorted(failures.items())}}
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
     meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(meta_tmp, meta_path)  # written last: its presence marks a complete cache
     return decoded_images(paths, size, cache_dir, progress, desc)

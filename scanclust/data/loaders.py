@@ -9,11 +9,11 @@ the same names and meaning (``paths.py``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from scanclust.data.datasets import ImageDataset
 
@@ -24,6 +24,10 @@ class ViewsDataset(Dataset):
     With ``neighbors`` [N, K] the view named ``partner`` shows one of the sample's K mined
     neighbours, drawn uniformly afresh at every access (the sample itself under another
     augmentation when K = 0, the paper's K = 0 ablation); the others show the sample.
+
+    An item is asked for by index, or by ``(index, seed)`` (``SeededSampler``): then its random
+    draws come from a generator seeded with ``seed`` alone, and the caller's random state is
+    left as it was.
     """
 
     def __init__(self, base: ImageDataset, views: dict[str, Callable],
@@ -38,7 +42,15 @@ class ViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        if isinstance(key, int):
+            return self._item(key)
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self._item(index)
+
+    def _item(self, index: int) -> dict[str, torch.Tensor | int]:
         image = self.base.load(index)
         item: dict[str, torch.Tensor | int] = {"index": index,
                                                "label": int(self.base.targets[index])}
@@ -55,20 +67,42 @@ class ViewsDataset(Dataset):
         return item
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
-                num_workers: int, pin_memory: bool = False, train: bool = True) -> DataLoader:
-    """A DataLoader whose order and worker seeds follow ``seed`` alone.
+class SeededSampler(Sampler):
+    """Sample indices paired with a seed of their own for the epoch: ``(index, seed)``.
 
-    Training loaders drop the last partial batch (a batch of 3 would make the entropy term of
-    the SCAN loss and batch norm statistics meaningless) unless the data set is smaller than a
-    batch, in which case the whole set is one batch.
+    Seeding every sample from (epoch seed, index) makes a worker-path augmentation depend on the
+    run's seed, the epoch and the image only: not on the number of workers or processes, nor on
+    whether the run was resumed, and workers can persist between epochs. In a training loader
+    ``indices`` is a ``DistributedSampler``, whose order ``set_seed`` reseeds too.
     """
-    batch_size, _ = num_batches(len(dataset), batch_size, train)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      drop_last=train and len(dataset) > batch_size,
-                      persistent_workers=False)
+
+    def __init__(self, indices: Iterable[int]) -> None:
+        self.indices = indices
+        self.seed = 0
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+        if isinstance(self.indices, DistributedSampler):
+            self.indices.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = self.seed << 32  # seeds < 2^31, indices < 2^32: distinct within the epoch
+        for index in self.indices:
+            yield int(index), base + int(index)
+
+    def __len__(self) -> int:
+        return len(self.indices)  # type: ignore[arg-type]
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: SeededSampler, *, num_workers: int,
+                pin_memory: bool = False, drop_last: bool = False,
+                collate: Callable | None = None) -> DataLoader:
+    """A DataLoader over ``sampler``, built once per data set and view set: its workers persist
+    from epoch to epoch (``SeededSampler.set_seed`` starts the next), so a large data set does
+    not pay for starting them (and copying the file list into each) every epoch."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate,
+                      persistent_workers=num_workers > 0)
 
 
 def num_batches(n: int, batch_size: int, train: bool) -> tuple[int, int]:

@@ -8,9 +8,12 @@ A stage asks a data path for two things, once per stage and once per epoch:
   the ``neighbor`` view shows a partner drawn per sample; ``{"weak": "eval", "strong": kind}``
   for self-label). It depends on nothing that changes between epochs, so a training step that
   calls it can be captured once as a CUDA graph and replayed (``scanclust.step``).
-- ``batches(augment, batch_size, shuffle=, seed=, train=)``: an epoch's batches for it.
+- ``batches(augment, batch_size, shuffle=, seed=, train=, shard=)``: an epoch's batches for
+  it. Under torchrun a training batch is this process's share of the global batch of
+  ``batch_size`` (``distributed.local_batch``); with ``shard`` (inference) each process gets its
+  own part of the data set (``distributed.shard_indices``) to gather afterwards.
 
-Two interchangeable paths implement this:
+Three interchangeable paths implement this:
 
 - ``WorkerPath``: per-sample torchvision transforms in DataLoader workers; batches carry the
   finished views and ``augment`` only moves them to the device. Works for any data set,
@@ -20,6 +23,8 @@ Two interchangeable paths implement this:
   (``batch_augment``), every sample with its own parameters, with one call per view kind (the
   two SimCLR views, or a SCAN anchor and its partner, are one call on twice the batch). No
   decoding, no worker processes, no host-to-device copies, no host synchronisation.
+- ``DecodePath`` (``decode.py``): image files read by DataLoader workers as bytes, decoded on
+  the device a batch at a time, then augmented as on the device path.
 
 Training steps draw their random numbers from the device's default generator, which the stages
 reseed every epoch; ``views`` (inference, cached features, tests) seeds a generator of its own.
@@ -30,16 +35,19 @@ data set fits under ``perf.device_data_gb``).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from scanclust import distributed
 from scanclust.config import Config
 from scanclust.data import batch_augment as B
 from scanclust.data.datasets import ImageDataset
-from scanclust.data.loaders import ViewsDataset, make_loader, num_batches
+from scanclust.data.loaders import SeededSampler, ViewsDataset, make_loader, num_batches
 from scanclust.data.transforms import view_transform
+from scanclust.runtime import process_seed
 
 Batch = dict[str, torch.Tensor]
 PARTNER = "neighbor"  # the view that shows the drawn partner when neighbours are given
@@ -99,6 +107,7 @@ class WorkerAugment(Augment):
                  neighbors: np.ndarray | None, device: torch.device, channels_last: bool) -> None:
         self.dataset, self.views, self.neighbors = dataset, views, neighbors
         self.device, self.channels_last = device, channels_last
+        self.loaders: dict[tuple, DataLoader] = {}  # kept for their persistent workers
 
     def __call__(self, batch: Batch) -> Batch:
         return to_device(batch, self.device, self.channels_last)
@@ -151,15 +160,18 @@ class DataPath:
         raise NotImplementedError
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
-                train: bool) -> Batches:
+                train: bool, shard: bool = False) -> Batches:
         raise NotImplementedError
 
     def views(self, dataset: ImageDataset, views: dict[str, str], batch_size: int, *,
-              shuffle: bool, seed: int, train: bool) -> Batches:
-        """Finished batches of ``views``; the draws follow ``seed`` alone."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+              shuffle: bool, seed: int, train: bool, shard: bool = False) -> Batches:
+        """Finished batches of ``views``; the draws follow ``seed`` (and the process's place
+        when each process makes its own ``shard``) alone."""
+        own_seed = process_seed(seed) if shard else seed
+        generator = torch.Generator(device=self.device).manual_seed(own_seed)
         augment = self.augment(dataset, views, generator=generator)
-        batches = self.batches(augment, batch_size, shuffle=shuffle, seed=seed, train=train)
+        batches = self.batches(augment, batch_size, shuffle=shuffle, seed=seed, train=train,
+                               shard=shard)
         return Batches((augment(b) for b in batches), len(batches))
 
 
@@ -174,14 +186,43 @@ class WorkerPath(DataPath):
         return WorkerAugment(dataset, views, neighbors, self.device, self.cfg.perf.channels_last)
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
-                train: bool) -> Batches:
+                train: bool, shard: bool = False) -> Batches:
+        """Training batches come from a ``DistributedSampler`` (one process: all samples) in
+        this process's share of the global batch size; inference batches of ``shard`` cover
+        this process's ``shard_indices``."""
         assert isinstance(augment, WorkerAugment)
+        key = (batch_size, shuffle, train, shard)
+        if key not in augment.loaders:
+            augment.loaders[key] = self._loader(augment, batch_size, shuffle, train, shard)
+        loader = augment.loaders[key]
+        loader.sampler.set_seed(seed)
+        return Batches(iter(loader), len(loader))
+
+    def _loader(self, augment: WorkerAugment, batch_size: int, shuffle: bool, train: bool,
+                shard: bool) -> DataLoader:
         transforms = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
         ds = ViewsDataset(augment.dataset, transforms, augment.neighbors, partner=PARTNER)
-        loader = make_loader(ds, batch_size, shuffle=shuffle, seed=seed,
-                             num_workers=self.cfg.data.num_workers,
-                             pin_memory=self.device.type == "cuda", train=train)
-        return Batches(iter(loader), len(loader))
+        return worker_loader(ds, self.cfg, self.device, batch_size, shuffle=shuffle, train=train,
+                             shard=shard)
+
+
+def worker_loader(ds: Dataset, cfg: Config, device: torch.device, batch_size: int, *,
+                  shuffle: bool, train: bool, shard: bool,
+                  collate: Callable | None = None) -> DataLoader:
+    """A persistent DataLoader over ``ds`` whose items are asked for as ``(index, seed)``: for
+    training a ``DistributedSampler`` (one process: all samples) with this process's share of
+    the global batch size, for inference with ``shard`` this process's ``shard_indices``."""
+    batch_size, _ = num_batches(len(ds), batch_size, train)
+    if shard and not train:
+        indices = distributed.shard_indices(len(ds)).tolist()
+    else:
+        # Training: every process gets len(ds) // W samples of the epoch's permutation, and
+        # its k-th batch of batch_size / W holds its share of the k-th global batch.
+        replicas, rank = (distributed.world_size(), distributed.rank()) if train else (1, 0)
+        indices = DistributedSampler(ds, replicas, rank, shuffle=shuffle, drop_last=train)
+        batch_size //= replicas
+    return make_loader(ds, batch_size, SeededSampler(indices), num_workers=cfg.data.num_workers,
+                       pin_memory=device.type == "cuda", drop_last=train, collate=collate)
 
 
 class DevicePath(DataPath):
@@ -228,21 +269,35 @@ class DevicePath(DataPath):
         return DeviceAugment(self, images, targets, views, neighbors, generator)
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
-                train: bool) -> Batches:
+                train: bool, shard: bool = False) -> Batches:
         assert isinstance(augment, DeviceAugment)
-        n = len(augment.images)
-        batch_size, count = num_batches(n, batch_size, train)
-        order = index_order(n, shuffle, seed, self.device)
-        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
-                        for b in range(count)), count)
+        return index_batches(len(augment.images), batch_size, shuffle=shuffle, seed=seed,
+                             train=train, shard=shard, device=self.device)
 
 
 def index_order(n: int, shuffle: bool, seed: int, device: torch.device) -> torch.Tensor:
     """An epoch's sample order: a permutation drawn on the host from ``seed`` (the same on every
-    device), or 0..n-1."""
+    device and in every process), or 0..n-1."""
     if not shuffle:
         return torch.arange(n, device=device)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def index_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, train: bool,
+                  shard: bool, device: torch.device) -> Batches:
+    """An epoch's batches of sample indices: in training this process's share of each global
+    batch of the epoch's order; with ``shard`` (inference) batches of this process's shard, in
+    data-set order, for ``distributed.gather_rows``."""
+    if not train and shard:
+        order = distributed.shard_indices(n).to(device)
+        count = -(-len(order) // batch_size)
+        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
+                        for b in range(count)), count)
+    batch_size, count = num_batches(n, batch_size, train)
+    order = index_order(n, shuffle, seed, device)
+    share = distributed.local_batch if train else (lambda batch: batch)
+    return Batches(({"index": share(order[b * batch_size:(b + 1) * batch_size])}
+                    for b in range(count)), count)
 
 
 def fits_on_device(cfg: Config, dataset: ImageDataset) -> bool:
@@ -256,4 +311,8 @@ def data_path_for(cfg: Config, device: torch.device, dataset: ImageDataset) -> D
     choice = cfg.perf.data_path
     if choice == "auto":
         choice = "device" if fits_on_device(cfg, dataset) else "workers"
+    if choice == "decode":
+        from scanclust.data.decode import DecodePath  # it builds on this module's paths
+
+        return DecodePath(cfg, device)
     return DevicePath(cfg, device) if choice == "device" else WorkerPath(cfg, device)

@@ -58,6 +58,19 @@ class ClusterModel(nn.Module):
         self.heads, self.num_heads = head, 1
 
 
+class Heads(nn.Module):
+    """A cluster model's heads as a module of their own: cached features train through it, and
+    DistributedDataParallel needs a module to wrap (the frozen backbone's weights stay out of
+    its gradient all-reduce, since they need no gradient)."""
+
+    def __init__(self, model: ClusterModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_heads(features)
+
+
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` entries of a model state dict, prefix removed."""
     return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

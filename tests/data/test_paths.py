@@ -130,3 +130,22 @@ def test_auto_keeps_small_sets_on_the_device() -> None:
     assert isinstance(data_path_for(config(), CPU, ds), DevicePath)
     assert isinstance(data_path_for(config(**{"perf.device_data_gb": 1e-6}), CPU, ds), WorkerPath)
     assert isinstance(data_path_for(config(**{"perf.data_path": "workers"}), CPU, ds), WorkerPath)
+
+
+def test_worker_views_depend_on_seed_and_image_not_on_workers() -> None:
+    # Each sample is seeded from (epoch seed, index): 0 or 2 workers (persistent across the two
+    # epochs) give the same batches and views; another epoch gives other views.
+    ds = tiny_dataset()
+
+    def two_epochs(workers: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        path = WorkerPath(config(**{"data.num_workers": workers}), CPU)
+        augment = path.augment(ds, {"x": "strong"})
+        return [[(b["index"], augment(b)["x"]) for b in
+                 path.batches(augment, 16, shuffle=True, seed=seed, train=True)]
+                for seed in (1, 2)]
+
+    inline, workers = two_epochs(0), two_epochs(2)
+    for epoch_a, epoch_b in zip(inline, workers):
+        for (index_a, x_a), (index_b, x_b) in zip(epoch_a, epoch_b, strict=True):
+            assert torch.equal(index_a, index_b) and torch.equal(x_a, x_b)
+    assert not torch.equal(inline[0][0][1], inline[1][0][1])

@@ -55,7 +55,7 @@ def test_offline_error_names_file_and_folder(tmp_path: Path,
         pretrained_state("resnet50")
     message = str(info.value)
     assert "\n" not in message and "name resolution" in message
-    assert f"place resnet50-" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "place resnet50-" in message and str(tmp_path / "hub" / "checkpoints") in message
 
 
 def test_config_accepts_library_names_and_checks_pretrained() -> None:
