@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh ablate:SECONDS         # later stages again on budget's pretext
 #   bash benchmarks/gpu_session.sh pretext:SECONDS        # pretext settings (PRETEXT_EPOCHS each),
 #                                                         # by purity and k-means, after budget
+#   bash benchmarks/gpu_session.sh ddp[:SECONDS]          # ~4 min: benchmarks/gpu_ddp.sh
 #   bash benchmarks/gpu_session.sh budget throughput:90   # several modes, in order
 # A mode given :SECONDS is stopped after that many seconds (what it printed is kept).
 # Each benchmark writes its JSON to benchmarks/results/<benchmark>-<device>-<date>.json (kept in
@@ -15,7 +16,7 @@
 # off by its time limit still returns what was done. PYTHON, CIFAR10_ARCHIVE, BUDGET and EXTRA
 # (arguments for every script, e.g. --quick for a CPU dry run) may be set.
 set -uo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 budget|throughput|kernels|ablate[:SECONDS] ..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 budget|throughput|kernels|ablate|pretext|ddp[:SECONDS] ..." >&2; exit 2; }
 out="${OUT:-gpu-results}"
 mkdir -p "$out" benchmarks/results
 archive="${CIFAR10_ARCHIVE:-data/cifar10-jpeg.tar.gz}"
@@ -81,6 +82,10 @@ for spec in "$@"; do
         --json "$results/pretext-ablation-$stamp.jsonl" 2>&1 \
         | tee -a "$out/pretext-ablation.log" | cut -c1-300
       cp "$results/pretext-ablation-$stamp.jsonl" "$out/pretext-ablation.jsonl" 2>/dev/null ;;
+    ddp)
+      # the multi-GPU section's single-GPU figures: JPEG input, mining memory, ImageNet rates
+      if [ -n "$limit" ]; then timeout --signal=INT "$limit" bash benchmarks/gpu_ddp.sh
+      else bash benchmarks/gpu_ddp.sh; fi ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
 done

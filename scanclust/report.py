@@ -321,8 +321,12 @@ def _native_side(dataset, needed: list[int]) -> int:
 def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[dict],
             skipped: list, metrics: dict, stage: str) -> str:
     labelled = metrics.get("stages", {}).get(stage, {})
+    model = stage
+    if stage == "selflabel" and run.summary("selflabel").get("kept_epoch") == 0:
+        # no sample passed the confidence threshold, or no epoch beat the start
+        model = "scan (self-label kept its weights)"
     stats = [("images", len(paths)), ("clusters", len(clusters)), ("skipped files", len(skipped)),
-             ("backbone", cfg.model.backbone), ("model", stage)]
+             ("backbone", cfg.model.backbone), ("model", model)]
     for key in ("acc", "nmi", "ari"):
         if key in labelled:
             stats.append((key.upper(), f"{labelled[key]:.3f}"))

@@ -79,3 +79,22 @@ def test_report_in_headless_chromium(folder_run: tuple[Path, Path, list[str]],
         assert (tmp_path / "report.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_header_says_when_self_label_kept_the_scan_weights(
+        folder_run: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
+    """Self-label keeps its starting weights (epoch 0) when no sample was confident enough;
+    the page then names the model by what it is, SCAN's."""
+    import json
+
+    from scanclust.report import report
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run[1], run, symlinks=True)
+    summary_path = run / "selflabel" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for kept, shown in ((1, "<b>selflabel</b>"), (0, "<b>scan (self-label kept its weights)</b>")):
+        summary_path.write_text(json.dumps({**summary, "kept_epoch": kept}))
+        report(None, run, overrides=["progress=false"])
+        page = (run / "report.html").read_text(encoding="utf-8")
+        assert f"<span class='muted'>model</span> {shown}" in page
