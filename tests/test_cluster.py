@@ -22,6 +22,7 @@ def test_plan_scales_with_the_data() -> None:
     assert small["pretext.epochs"] == 50  # 150,000 samples / 3,000 images
     assert small["scan.cached_views"] == 5 and small["scan.update_backbone"] is False
     assert small["scan.epochs"] == 200 and small["selflabel.epochs"] == 20
+    assert small["scan.augment"] == "simclr" and small["selflabel.augment"] == "strong"
     photos = plan("cpu", "scratch", images=100_000, side=3000)
     assert photos["data.image_size"] == 32 and photos["pretext.epochs"] == 10  # lower bound
     tiny = plan("cpu", "scratch", images=200, side=12)
