@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, sync  # noqa: E402
+from benchmarks.common import images_per_second, machine, sync  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.data.datasets import ArrayDataset  # noqa: E402
 from scanclust.data.paths import Batches, DevicePath  # noqa: E402
@@ -87,12 +87,7 @@ def step_rate(stage: str, cfg, data: DevicePath, dataset: ArrayDataset, batch: i
             module.train_one_epoch(model, step, part, optimizer, scheduler, sc.update_backbone,
                                    None, device, False, stage)
 
-    run(warmup)
-    sync(device)
-    start = time.perf_counter()
-    run(steps)
-    sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    return images_per_second(run, batch, device, warmup, steps)
 
 
 def main() -> None:
