@@ -42,7 +42,7 @@ from scanclust.config import load_config  # noqa: E402
 from scanclust.data.datasets import ArrayDataset  # noqa: E402
 from scanclust.data.paths import Batches, DevicePath  # noqa: E402
 from scanclust.mine import extract_features  # noqa: E402
-from scanclust.runtime import resolve_device  # noqa: E402
+from scanclust.runtime import channels_last, resolve_device  # noqa: E402
 from scanclust.step import TrainStep  # noqa: E402
 from scanclust.training import build_optimizer, build_scheduler, prepare_model  # noqa: E402
 
@@ -121,11 +121,11 @@ def main() -> None:
     prepare_model(model, cfg, device)
     model.eval()
     extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     cfg.perf.channels_last, False)  # warm-up
+                     channels_last(cfg, device), False)  # warm-up
     sync(device)
     start = time.perf_counter()
     extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     cfg.perf.channels_last, False)
+                     channels_last(cfg, device), False)
     sync(device)
     rates["mine"] = n / (time.perf_counter() - start)
     for stage in ("scan", "selflabel"):

@@ -207,7 +207,9 @@ class PerfConfig:
     # read by workers, decoded and augmented on the device; scanclust/data/decode.py)
     data_path: str = "auto"
     device_data_gb: float = 4.0  # auto holds a data set on the device up to this size
-    channels_last: bool = True  # NHWC activations: faster convolutions with bf16 on GPUs
+    # NHWC activations: faster convolutions with bf16 on GPUs, 1.3-1.7x on CPUs; a CPU whose
+    # NHWC weight gradients are wrong runs NCHW regardless (runtime.channels_last)
+    channels_last: bool = True
     compile: bool = False  # torch.compile the model (minutes of compile time, then faster)
     optimizer_impl: str = "auto"  # auto | fused | foreach | loop
     cuda_graphs: bool = True  # CUDA only: replay each training step as one captured graph

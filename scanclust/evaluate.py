@@ -25,7 +25,7 @@ from scanclust.health import check_finite_array, collapse_warning
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
 from scanclust.rundir import STAGES, RunDir, exclusive, write_json
-from scanclust.runtime import resolve_device
+from scanclust.runtime import channels_last, resolve_device
 from scanclust.scan import load_scan_model, predict_logits
 from scanclust.selflabel import load_selflabel_model
 from scanclust.training import log, prepare_model, begin_stage
@@ -54,7 +54,7 @@ def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, devi
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
-                                   cfg.perf.channels_last, cfg.progress, "evaluate")
+                                   channels_last(cfg, device), cfg.progress, "evaluate")
     probs = torch.softmax(logits[0], dim=1).numpy()
     check_finite_array(probs, "the predictions", name, cfg)
     pred = probs.argmax(1)

@@ -31,7 +31,7 @@ from scanclust.health import check_finite_array
 from scanclust.preflight import check_topk
 from scanclust.pretext import build_contrastive_model
 from scanclust.rundir import exclusive, write_json
-from scanclust.runtime import autocast, resolve_device
+from scanclust.runtime import autocast, channels_last, resolve_device
 from scanclust.training import log, prepare_model, progress, begin_stage
 
 STAGE = "mine"
@@ -210,7 +210,7 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             if k < 1:
                 continue
         feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
-                                 mc.batch_size, device, cfg.amp, cfg.perf.channels_last,
+                                 mc.batch_size, device, cfg.amp, channels_last(cfg, device),
                                  cfg.progress, f"features {split}")
         stored = feats.numpy().astype(np.float16)  # float16 overflows above 65504
         check_finite_array(stored, "the pretext features", STAGE, cfg)

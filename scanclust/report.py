@@ -69,6 +69,7 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     from scanclust.data.datasets import FolderDataset
     from scanclust.data.paths import data_path_for
     from scanclust.predict import load
+    from scanclust.runtime import channels_last
     from scanclust.scan import predict_logits
     from scanclust.training import begin_stage, log, prepare_model
 
@@ -86,7 +87,7 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
-                                   cfg.perf.channels_last, cfg.progress, "assigning")
+                                   channels_last(cfg, device), cfg.progress, "assigning")
     probs = torch.softmax(logits[0].float(), dim=1).numpy()
     feats_np = feats.numpy()
     del model, clusterer

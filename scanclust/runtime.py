@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import zlib
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from scanclust import distributed
-from scanclust.config import ConfigError
+from scanclust.config import Config, ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,3 +101,64 @@ def restore_rng(state: dict[str, Any]) -> None:
                      state["python"]["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def channels_last_fault() -> float:
+    """Largest relative error of the weight gradient of a channels-last (NHWC) 1x1 stride-2
+    convolution on this CPU, against the same gradient in float64 (which oneDNN does not
+    compute), over a few small shapes; about 1e-7 where the kernels are right.
+
+    On some CPUs (an AVX2-only AMD EPYC with torch 2.14; reproducible on any x86-64 CPU with
+    ``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN's NHWC kernel for this layer gets the weight gradient
+    wrong at small channel counts, erratically: a relative error of 0.2-0.8 on some of these
+    shapes and not others, where NCHW gives 1e-7. The forward pass is right, so nothing fails;
+    training silently follows a wrong gradient. The sixteen shapes take about 20 ms.
+    """
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for batch in (6, 12):
+        for channels in (3, 4, 8, 16):
+            for side in (8, 16):
+                x = torch.randn(batch, channels, side, side, generator=generator)
+                weight = torch.randn(2 * channels, channels, 1, 1, generator=generator)
+                grad_out = torch.randn(batch, 2 * channels, side // 2, side // 2,
+                                       generator=generator)
+                reference = _weight_grad(x.double(), weight.double(), grad_out.double())
+                nhwc = _weight_grad(x.contiguous(memory_format=torch.channels_last),
+                                    weight.contiguous(memory_format=torch.channels_last),
+                                    grad_out)
+                worst = max(worst, float((nhwc - reference).norm() / reference.norm()))
+    return worst
+
+
+def _weight_grad(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    weight = weight.clone().requires_grad_(True)
+    torch.nn.functional.conv2d(x, weight, stride=2).backward(grad_out)
+    return weight.grad.double()
+
+
+FAULT_TOLERANCE = 1e-3  # float32 gives 1e-7; the faulty kernel 0.2-0.8
+_CPU_CHANNELS_LAST: list[bool] = []  # the CPU check's verdict, once per process
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """Whether to run NHWC activations (``perf.channels_last``) on ``device``.
+
+    On a GPU, as the setting says. On a CPU only where ``channels_last_fault`` finds the NHWC
+    weight gradients right; where it does not, the CPU trains in NCHW (1.3-1.7x slower there:
+    ``benchmarks/cpu_layout.py``) and says so once.
+    """
+    if not cfg.perf.channels_last:
+        return False
+    if device.type != "cpu":
+        return True
+    if not _CPU_CHANNELS_LAST:
+        error = channels_last_fault()
+        _CPU_CHANNELS_LAST.append(error < FAULT_TOLERANCE)
+        if error >= FAULT_TOLERANCE:
+            logging.getLogger("scanclust").warning(
+                "warning: this CPU computes wrong weight gradients for channels-last "
+                "convolutions (relative error %.2f on a 1x1 stride-2 convolution against "
+                "float64), so it runs NCHW instead of perf.channels_last=true (slower, right)",
+                error)
+    return _CPU_CHANNELS_LAST[0]

@@ -28,7 +28,7 @@ from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, Heads, backbone_state, build_backbone
 from scanclust.preflight import num_clusters
 from scanclust.rundir import RunDir, exclusive
-from scanclust.runtime import autocast, capture_rng, derive_seed, resolve_device, restore_rng, seed_all
+from scanclust.runtime import autocast, capture_rng, channels_last, derive_seed, resolve_device, restore_rng, seed_all
 from scanclust.step import TrainStep
 from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, cpu_state, log,
                                 prepare_model, progress, begin_stage)
@@ -248,7 +248,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
                 logits = model.eval().forward_heads(val_features).float().cpu()
         else:
             logits, _ = predict_logits(model, val_data, val_set, cfg.evaluate.batch_size, device,
-                                       cfg.amp, cfg.perf.channels_last, False)
+                                       cfg.amp, channels_last(cfg, device), False)
         val_loss = selection_loss(logits, val_neighbors, sc)
         history.append(val_loss.tolist())
         head = int(val_loss.argmin())

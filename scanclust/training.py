@@ -15,7 +15,7 @@ from scanclust import distributed
 from scanclust.config import Config, ConfigError, OptimConfig, load_config
 from scanclust.preflight import preflight
 from scanclust.rundir import RunDir
-from scanclust.runtime import resolve_device
+from scanclust.runtime import channels_last, resolve_device
 
 log = logging.getLogger("scanclust")
 
@@ -109,7 +109,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train:
     """
     torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     model.to(device)
-    if cfg.perf.channels_last:
+    if channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     forward = distributed.wrap(model, device, sync_batchnorm) if train else model
     return torch.compile(forward) if cfg.perf.compile else forward

@@ -47,7 +47,7 @@ from scanclust.data import batch_augment as B
 from scanclust.data.datasets import ImageDataset
 from scanclust.data.loaders import SeededSampler, ViewsDataset, make_loader, num_batches
 from scanclust.data.transforms import view_transform
-from scanclust.runtime import process_seed
+from scanclust.runtime import channels_last, process_seed
 
 Batch = dict[str, torch.Tensor]
 PARTNER = "neighbor"  # the view that shows the drawn partner when neighbours are given
@@ -183,7 +183,7 @@ class WorkerPath(DataPath):
     def augment(self, dataset: ImageDataset, views: dict[str, str],
                 neighbors: np.ndarray | None = None,
                 generator: torch.Generator | None = None) -> WorkerAugment:
-        return WorkerAugment(dataset, views, neighbors, self.device, self.cfg.perf.channels_last)
+        return WorkerAugment(dataset, views, neighbors, self.device, channels_last(self.cfg, self.device))
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
                 train: bool, shard: bool = False) -> Batches:
@@ -258,7 +258,7 @@ class DevicePath(DataPath):
         raise ValueError(f"unknown view kind {kind!r}")
 
     def layout(self, view: torch.Tensor) -> torch.Tensor:
-        if self.cfg.perf.channels_last:
+        if channels_last(self.cfg, self.device):
             return view.contiguous(memory_format=torch.channels_last)
         return view
 
