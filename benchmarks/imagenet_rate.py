@@ -121,11 +121,11 @@ def main() -> None:
     prepare_model(model, cfg, device)
     model.eval()
     extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     channels_last(cfg, device), False)  # warm-up
+                     channels_last(cfg, device, False), False)  # warm-up
     sync(device)
     start = time.perf_counter()
     extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     channels_last(cfg, device), False)
+                     channels_last(cfg, device, False), False)
     sync(device)
     rates["mine"] = n / (time.perf_counter() - start)
     for stage in ("scan", "selflabel"):

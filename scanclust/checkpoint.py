@@ -49,23 +49,28 @@ def load_checkpoint(path: Path, stage: str | None = None, mmap: bool = False) ->
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():
-            # torch's message suggests weights_only=False, which would run what the file holds
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data; it "
-                                  f"is not loaded, since unpickling it could run code") from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt; redo its stage with "
-                              f"--force") from None
-    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt; redo its stage with "
-                              f"--force") from None
+    redo = "; redo its stage with --force"
+    payload = read_tensors(path, f"checkpoint {path}", redo, mmap=mmap)
     if not isinstance(payload, dict) or "stage" not in payload:
         raise CheckpointError(f"{path} is not a scanclust checkpoint")
     if stage is not None and payload["stage"] != stage:
         raise CheckpointError(f"{path} holds the {payload['stage']!r} stage, expected {stage!r}")
     return _upgrade(payload)
+
+
+def read_tensors(path: Path, what: str, hint: str = "", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure one line naming
+    ``what``. A file that holds other objects than tensors and plain data is refused as such:
+    torch's own message suggests ``weights_only=False``, which would run what the file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():
+            raise CheckpointError(f"{what} holds objects other than tensors and plain data; it "
+                                  f"is not loaded, since unpickling it could run code") from None
+        raise CheckpointError(f"{what} is truncated or corrupt{hint}") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{what} is truncated or corrupt{hint}") from None
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:

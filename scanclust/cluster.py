@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import numpy as np
 from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.data.images import ImageReadError, list_images
+from scanclust.errors import UserError
+from scanclust.rundir import STAGE_DIRS, RunDir, exclusive
 
 log = logging.getLogger("scanclust")
 
@@ -185,9 +188,15 @@ def parse_clusters(value: str | int | None) -> int | str | None:
 
 
 def parse_k_range(value: str | None, images: int) -> list[int]:
-    """``LO:HI`` (inclusive); the default 2:20 is capped at an average of 10 images a cluster."""
+    """``LO:HI`` (inclusive); the default 2:20 is capped at an average of 10 images a cluster.
+    k-means needs more images than clusters to score a partition, so HI is at most
+    ``images - 1``; a range left empty by that is refused in the folder's terms."""
     if value is None:
-        return list(range(2, max(3, min(DEFAULT_K_MAX, images // 10)) + 1))
+        ks = list(range(2, min(max(3, min(DEFAULT_K_MAX, images // 10)), images - 1) + 1))
+        if not ks:
+            raise ConfigError(f"--clusters auto compares K = 2 and more, which needs at least "
+                              f"3 images, but the folder has {images}; give --clusters 2")
+        return ks
     lo, sep, hi = str(value).partition(":")
     try:
         ks = list(range(int(lo), int(hi) + 1)) if sep else []
@@ -195,7 +204,40 @@ def parse_k_range(value: str | None, images: int) -> list[int]:
         ks = []
     if not ks or ks[0] < 2:
         raise ConfigError(f"--k-range {value!r}: expected LO:HI with 2 <= LO <= HI, e.g. 2:20")
+    if ks[-1] >= images:
+        raise ConfigError(f"--k-range {value}: K = {ks[-1]} needs more than {ks[-1]} images to "
+                          f"compare partitions, but the folder has {images}"
+                          + (f"; use at most {ks[0]}:{images - 1}" if ks[0] < images - 1 else ""))
     return ks
+
+
+def fit_to_folder(cfg: Config, images: int, clusters: int | str | None) -> Config:
+    """The preset's settings fitted to a folder of ``images`` readable images (each change
+    logged), or a one-line refusal in the command's own terms: fewer neighbours than the
+    preset mines when there are not that many other images, and no more clusters than
+    images."""
+    if images < 2:
+        raise ConfigError(f"FOLDER has {images} readable image; clustering needs at least 2")
+    if isinstance(clusters, int) and clusters > images:
+        raise ConfigError(f"--clusters {clusters}: the folder has only {images} readable images")
+    fitted: dict[str, Any] = {}
+    if cfg.mine.topk >= images:
+        fitted["mine.topk"] = images - 1
+    topk = fitted.get("mine.topk", cfg.mine.topk)
+    if cfg.scan.num_neighbors is not None and cfg.scan.num_neighbors > topk:
+        fitted["scan.num_neighbors"] = topk
+    if fitted:
+        log.info("cluster: %d images, so %s", images, ", ".join(
+            f"{key}={value} (instead of {_get(cfg, key)})" for key, value in fitted.items()))
+        cfg = load_config(cfg, fitted)
+    return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def cluster(folder: str | Path, out: str | Path | None = None, *,
@@ -243,13 +285,37 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
     if preset == "cpu":
         settings["device"] = "cpu"
     cfg = load_config(load_config(None, settings), overrides)
-    ks = parse_k_range(k_range, images)
-    log.info("cluster: %d images (median side %d px) in %s; preset %s, backbone %s at %d px; "
-             "epochs pretext %d, scan %d, selflabel %d; run directory %s", images, side, folder,
-             preset, cfg.model.backbone, cfg.data.image_size, cfg.pretext.epochs,
-             cfg.scan.epochs, cfg.selflabel.epochs, out)
-    return run_cluster(cfg, out, clusters=clusters, ks=ks, criterion=criterion, export=export,
-                       resume=resume, force=force, started=started)
+    return _cluster_into(cfg, folder, out, preset, side, clusters, k_range, criterion, export,
+                         resume, force, started)
+
+
+@exclusive
+def _cluster_into(cfg: Config, folder: Path, out: Path, preset: str, side: int,
+                  clusters: int | str | None, k_range: str | None, criterion: str,
+                  export: str | None, resume: bool, force: bool, started: float) -> dict[str, Any]:
+    """Take the run directory, decode the folder once (into ``RUN/cache``, which every stage
+    then reads), fit the settings to the images that could be read, and run. A call refused
+    before any stage began leaves no run directory behind when it made it."""
+    from scanclust.data import build_dataset
+
+    run = RunDir(out)
+    created = not out.exists()
+    run.lock()
+    try:
+        images = len(build_dataset(cfg.data, "train"))
+        cfg = fit_to_folder(cfg, images, clusters)
+        auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)
+        ks = parse_k_range(k_range, images) if auto else []
+        log.info("cluster: %d images (median side %d px) in %s; preset %s, backbone %s at %d px; "
+                 "epochs pretext %d, scan %d, selflabel %d; run directory %s", images, side,
+                 folder, preset, cfg.model.backbone, cfg.data.image_size, cfg.pretext.epochs,
+                 cfg.scan.epochs, cfg.selflabel.epochs, out)
+        return run_cluster(cfg, out, clusters=clusters, ks=ks, criterion=criterion,
+                           export=export, resume=resume, force=force, started=started)
+    except UserError:
+        if created and not any(run.stage_dir(stage).exists() for stage in STAGE_DIRS):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[int],

@@ -259,12 +259,7 @@ def load_config(source: str | Path | dict | Config | None = None,
     else:
         path = _resolve_path(source)
         origin = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path)
     data = _deep_copy(data)
     parsed = _parse_overrides(overrides)
     for key, value in parsed.items():
@@ -272,6 +267,30 @@ def load_config(source: str | Path | dict | Config | None = None,
     cfg = _build(Config, data, prefix="", origin=_Origin(origin, set(parsed)))
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping. An empty file is an error, not the defaults: the defaults are
+    CIFAR-10's and would start a download the user never asked for."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        raise ConfigError(f"cannot read config {path}: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty (or only comments); give a config's settings, or a "
+                          f"built-in config name ({', '.join(builtin_configs())})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of section: settings at the top level, "
+                          f"got {type(data).__name__}")
+    return data
 
 
 def _resolve_path(source: str | Path) -> Path:
@@ -513,6 +532,3 @@ def validate(cfg: Config) -> None:
         _choice(sc.optim.schedule, f"{stage}.optim.schedule", ("constant", "cosine"))
         _require(sc.optim.lr > 0, f"{stage}.optim.lr", "must be positive")
 
-
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

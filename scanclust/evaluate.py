@@ -54,7 +54,7 @@ def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, devi
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
-                                   channels_last(cfg, device), cfg.progress, "evaluate")
+                                   channels_last(cfg, device, False), cfg.progress, "evaluate")
     probs = torch.softmax(logits[0], dim=1).numpy()
     check_finite_array(probs, "the predictions", name, cfg)
     pred = probs.argmax(1)

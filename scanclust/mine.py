@@ -210,7 +210,7 @@ def mine(config: Config | str | Path | dict | None = None, out: str | Path = "ru
             if k < 1:
                 continue
         feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
-                                 mc.batch_size, device, cfg.amp, channels_last(cfg, device),
+                                 mc.batch_size, device, cfg.amp, channels_last(cfg, device, False),
                                  cfg.progress, f"features {split}")
         stored = feats.numpy().astype(np.float16)  # float16 overflows above 65504
         check_finite_array(stored, "the pretext features", STAGE, cfg)

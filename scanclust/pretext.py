@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from scanclust import distributed
-from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from scanclust.checkpoint import (CheckpointError, load_checkpoint, load_state, read_tensors,
+                                  save_checkpoint)
 from scanclust.config import Config
 from scanclust.data import build_dataset
 from scanclust.data.paths import Augment, Batch, Batches, data_path_for, num_batches
@@ -177,16 +178,17 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """
     if not path.is_file():
         raise CheckpointError(f"pretext.weights={path} does not exist")
-    try:
-        if path.suffix == ".safetensors":  # the Hugging Face hub's format (timm models)
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":  # the Hugging Face hub's format (timm models)
+        from safetensors.torch import load_file
 
+        try:
             payload = load_file(path)
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read pretext.weights={path}: "
-                              f"{str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read pretext.weights={path}: "
+                                  f"{str(err).splitlines()[0]}") from None
+    else:
+        payload = read_tensors(path, f"pretext.weights={path}",
+                               "; is it a PyTorch weights file (.pt, .pth)?")
     for key in ("state_dict", "model"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]

@@ -87,7 +87,7 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
                                    cfg.evaluate.batch_size, device, cfg.amp,
-                                   channels_last(cfg, device), cfg.progress, "assigning")
+                                   channels_last(cfg, device, False), cfg.progress, "assigning")
     probs = torch.softmax(logits[0].float(), dim=1).numpy()
     feats_np = feats.numpy()
     del model, clusterer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import zlib
 from typing import Any
@@ -112,7 +111,8 @@ def channels_last_fault() -> float:
     ``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN's NHWC kernel for this layer gets the weight gradient
     wrong at small channel counts, erratically: a relative error of 0.2-0.8 on some of these
     shapes and not others, where NCHW gives 1e-7. The forward pass is right, so nothing fails;
-    training silently follows a wrong gradient. The sixteen shapes take about 20 ms.
+    training silently follows a wrong gradient. The sixteen shapes take about 20 ms; the
+    batches are even, since odd ones crash the process on other CPUs (``channels_last``).
     """
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -137,28 +137,15 @@ def _weight_grad(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor) 
     return weight.grad.double()
 
 
-FAULT_TOLERANCE = 1e-3  # float32 gives 1e-7; the faulty kernel 0.2-0.8
-_CPU_CHANNELS_LAST: list[bool] = []  # the CPU check's verdict, once per process
-
-
-def channels_last(cfg: Config, device: torch.device) -> bool:
+def channels_last(cfg: Config, device: torch.device, training: bool) -> bool:
     """Whether to run NHWC activations (``perf.channels_last``) on ``device``.
 
-    On a GPU, as the setting says. On a CPU only where ``channels_last_fault`` finds the NHWC
-    weight gradients right; where it does not, the CPU trains in NCHW (1.3-1.7x slower there:
-    ``benchmarks/cpu_layout.py``) and says so once.
+    On a GPU, as the setting says. On a CPU only for inference (mining, cached features,
+    evaluation, prediction): oneDNN's NHWC backward pass of a 1x1 stride-2 convolution (the
+    ResNet downsample) is wrong on some CPUs (``channels_last_fault``) and writes out of
+    bounds at odd batch sizes on others (heap corruption, a crash), while its forward pass is
+    right everywhere it was checked. So CPU training runs NCHW, which costs 1.3-1.7x in
+    training speed there (``benchmarks/cpu_layout.py``), and CPU inference keeps NHWC's
+    1.3-1.7x.
     """
-    if not cfg.perf.channels_last:
-        return False
-    if device.type != "cpu":
-        return True
-    if not _CPU_CHANNELS_LAST:
-        error = channels_last_fault()
-        _CPU_CHANNELS_LAST.append(error < FAULT_TOLERANCE)
-        if error >= FAULT_TOLERANCE:
-            logging.getLogger("scanclust").warning(
-                "warning: this CPU computes wrong weight gradients for channels-last "
-                "convolutions (relative error %.2f on a 1x1 stride-2 convolution against "
-                "float64), so it runs NCHW instead of perf.channels_last=true (slower, right)",
-                error)
-    return _CPU_CHANNELS_LAST[0]
+    return cfg.perf.channels_last and (device.type != "cpu" or not training)

@@ -248,7 +248,7 @@ def scan(config: Config | str | Path | dict | None = None, out: str | Path = "ru
                 logits = model.eval().forward_heads(val_features).float().cpu()
         else:
             logits, _ = predict_logits(model, val_data, val_set, cfg.evaluate.batch_size, device,
-                                       cfg.amp, channels_last(cfg, device), False)
+                                       cfg.amp, channels_last(cfg, device, False), False)
         val_loss = selection_loss(logits, val_neighbors, sc)
         history.append(val_loss.tolist())
         head = int(val_loss.argmin())

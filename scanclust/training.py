@@ -98,8 +98,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train: bool = False,
                   sync_batchnorm: bool = False) -> nn.Module:
-    """Move to the device (NHWC weights with ``perf.channels_last``); return the callable to
-    train with, compiled when ``perf.compile``. State dicts are always taken from ``model``.
+    """Move to the device (NHWC weights with ``perf.channels_last``, on a CPU for inference
+    only: ``runtime.channels_last``); return the callable to train with, compiled when
+    ``perf.compile``. State dicts are always taken from ``model``.
 
     With ``train`` and several processes the callable is the model under
     DistributedDataParallel (``distributed.wrap``; SyncBatchNorm with ``sync_batchnorm``).
@@ -109,7 +110,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train:
     """
     torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     model.to(device)
-    if channels_last(cfg, device):
+    if channels_last(cfg, device, train):
         model.to(memory_format=torch.channels_last)
     forward = distributed.wrap(model, device, sync_batchnorm) if train else model
     return torch.compile(forward) if cfg.perf.compile else forward

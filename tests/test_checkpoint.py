@@ -14,6 +14,8 @@ import torch
 
 import scanclust.checkpoint as checkpoint
 from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from scanclust.models import build_backbone
+from scanclust.pretext import load_backbone_weights
 from scanclust.runtime import capture_rng, restore_rng
 
 
@@ -146,6 +148,20 @@ def test_refused_pickle_does_not_suggest_running_it(tmp_path: Path) -> None:
         load_checkpoint(path)
     assert "could run code" in str(err.value)
     assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pickled_foreign_weights_get_the_same_plain_refusal(tmp_path: Path) -> None:
+    # pretext.weights and `cluster --backbone FILE` read foreign files through the same door
+    path = tmp_path / "moco.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "obj": _Custom()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone_weights(build_backbone("resnet_tiny", 4), path)
+    assert str(err.value) == (f"pretext.weights={path} holds objects other than tensors and "
+                              f"plain data; it is not loaded, since unpickling it could run code")
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"moco.pth is truncated or corrupt; is it a "
+                                              r"PyTorch weights file"):
+        load_backbone_weights(build_backbone("resnet_tiny", 4), path)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path,

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scanclust.cli import main
@@ -130,3 +131,49 @@ def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
                  "scan.epoch=3"]) == 2
     err = capsys.readouterr().err
     assert "scan.epochs" in err and len(err.strip().splitlines()) == 1
+
+
+def _pngs(folder: Path, count: int, broken: int = 0) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for i in range(broken):
+        (folder / f"broken{i}.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_a_small_folder_gets_settings_that_fit_it(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    folder, out = _pngs(tmp_path / "five", 5), tmp_path / "run"
+    with caplog.at_level("INFO", logger="scanclust"):
+        summary = cluster(folder, out, clusters=2, preset="quick", overrides=CLUSTER_TINY)
+    assert summary["num_images"] == 5 and summary["num_clusters"] == 2
+    saved = load_config(out / "config.yaml")
+    assert saved.mine.topk == 4 and saved.scan.num_neighbors == 4  # the preset's 20 and 10
+    assert "5 images, so mine.topk=4 (instead of 20), scan.num_neighbors=4 (instead of 10)" \
+        in caplog.text
+    assert parse_k_range(None, 5) == [2, 3] and parse_k_range(None, 3) == [2]
+
+
+@pytest.mark.parametrize(("count", "broken", "clusters", "message"), [
+    (1, 0, None, "FOLDER has 1 readable image; clustering needs at least 2"),
+    (1, 2, 2, "FOLDER has 1 readable image; clustering needs at least 2"),  # 2 unreadable
+    (2, 0, "auto", "--clusters auto compares K = 2 and more, which needs at least 3 images, "
+                   "but the folder has 2; give --clusters 2"),
+    (5, 0, 7, "--clusters 7: the folder has only 5 readable images"),
+])
+def test_a_folder_too_small_is_refused_in_the_commands_terms_and_leaves_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture, count: int, broken: int,
+        clusters: int | str | None, message: str) -> None:
+    folder, out = _pngs(tmp_path / "few", count, broken), tmp_path / "run"
+    args = ["cluster", str(folder), "--out", str(out), "--preset", "quick", "-q"]
+    if clusters is not None:
+        args += ["--clusters", str(clusters)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"scanclust: error: {message}"
+    assert not out.exists()  # no run directory, no decode cache
+    with pytest.raises(ConfigError, match="use at most 2:4"):
+        parse_k_range("2:9", 5)

@@ -166,3 +166,26 @@ def test_weights_file_without_the_weights_method_is_an_error() -> None:
 def test_builtin_configs_take_the_cluster_count_from_the_data(name: str) -> None:
     """A recipe's class count must not silently apply to a user's unlabelled folder."""
     assert load_config(name).model.num_clusters is None
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "\n\n"])
+def test_an_empty_config_file_is_refused_not_the_cifar10_defaults(tmp_path: Path,
+                                                                  text: str) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path} is empty (or only comments)")
+
+
+def test_invalid_yaml_is_one_line_naming_the_file_and_the_place(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("scan:\n  epochs: 3\n bad: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: not valid YAML (line 3, column 2: expected <block end>, "
+                              f"but found '<block mapping start>')")
+    path.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="expected a mapping of section: settings at the top "
+                                          "level, got list"):
+        load_config(path)

@@ -27,7 +27,9 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from scanclust.config import ConfigError
 from scanclust.data.datasets import FileDataset, ImageDataset
-from scanclust.data.paths import PARTNER, Augment, Batch, Batches, DevicePath, worker_loader
+from scanclust.data.paths import (PARTNER, Augment, Batch, Batches, DevicePath, layout,
+                                  worker_loader)
+from scanclust.runtime import channels_last
 
 
 def encoded_file(path: Path) -> torch.Tensor:
@@ -75,10 +77,12 @@ class DecodeAugment(Augment):
     on_device = False
 
     def __init__(self, path: DecodePath, dataset: FileDataset, views: dict[str, str],
-                 neighbors: np.ndarray | None, generator: torch.Generator | None) -> None:
+                 neighbors: np.ndarray | None, generator: torch.Generator | None,
+                 training: bool) -> None:
         self.path, self.dataset, self.neighbors = path, dataset, neighbors
         self.targets = torch.from_numpy(dataset.targets).to(path.device)
         self.generator = generator
+        self.nhwc = channels_last(path.cfg, path.device, training)
         self.groups: dict[str, list[str]] = defaultdict(list)  # one augmentation call per kind
         for name, kind in views.items():
             self.groups[kind].append(name)
@@ -96,7 +100,7 @@ class DecodeAugment(Augment):
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
             views = self.path.make(kind, x, self.generator)
             for name, view in zip(names, views.chunk(len(names))):
-                out[name] = self.path.layout(view)
+                out[name] = layout(view, self.nhwc)
         return out
 
 
@@ -107,11 +111,12 @@ class DecodePath(DevicePath):
 
     def augment(self, dataset: ImageDataset, views: dict[str, str],
                 neighbors: np.ndarray | None = None,
-                generator: torch.Generator | None = None) -> DecodeAugment:
+                generator: torch.Generator | None = None,
+                training: bool = True) -> DecodeAugment:
         if not isinstance(dataset, FileDataset):
             raise ConfigError(f"config key 'perf.data_path': decode reads image files, but "
                               f"{dataset.name} is held in memory; use device or workers")
-        return DecodeAugment(self, dataset, views, neighbors, generator)
+        return DecodeAugment(self, dataset, views, neighbors, generator, training)
 
     def batches(self, augment: DecodeAugment, batch_size: int, *, shuffle: bool, seed: int,
                 train: bool, shard: bool = False) -> Batches:

@@ -79,6 +79,10 @@ def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -
     return out
 
 
+def layout(view: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    return view.contiguous(memory_format=torch.channels_last) if nhwc else view
+
+
 def draw_partners(index: torch.Tensor, table: torch.Tensor,
                   generator: torch.Generator | None) -> torch.Tensor:
     """One partner per sample, uniform over its row of ``table`` [N, K]; K = 0 pairs each
@@ -118,9 +122,10 @@ class DeviceAugment(Augment):
 
     def __init__(self, path: DevicePath, images: torch.Tensor, targets: torch.Tensor,
                  views: dict[str, str], neighbors: np.ndarray | None,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, training: bool) -> None:
         self.path, self.images, self.targets = path, images, targets
         self.generator = generator
+        self.nhwc = channels_last(path.cfg, path.device, training)
         self.table = (None if neighbors is None else
                       torch.from_numpy(np.ascontiguousarray(neighbors)).to(images.device))
         # One augmentation call per view kind: views of one kind share a call on the
@@ -141,7 +146,7 @@ class DeviceAugment(Augment):
             x = self.images[rows[0] if len(rows) == 1 else torch.cat(rows)]
             views = self.path.make(kind, x, self.generator)
             for name, view in zip(names, views.chunk(len(names))):
-                out[name] = self.path.layout(view)
+                out[name] = layout(view, self.nhwc)
         return out
 
 
@@ -156,7 +161,9 @@ class DataPath:
 
     def augment(self, dataset: ImageDataset, views: dict[str, str],
                 neighbors: np.ndarray | None = None,
-                generator: torch.Generator | None = None) -> Augment:
+                generator: torch.Generator | None = None, training: bool = True) -> Augment:
+        """``training``: views for a training step (else for inference, which may take
+        another memory layout: ``runtime.channels_last``)."""
         raise NotImplementedError
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
@@ -169,7 +176,7 @@ class DataPath:
         when each process makes its own ``shard``) alone."""
         own_seed = process_seed(seed) if shard else seed
         generator = torch.Generator(device=self.device).manual_seed(own_seed)
-        augment = self.augment(dataset, views, generator=generator)
+        augment = self.augment(dataset, views, generator=generator, training=False)
         batches = self.batches(augment, batch_size, shuffle=shuffle, seed=seed, train=train,
                                shard=shard)
         return Batches((augment(b) for b in batches), len(batches))
@@ -182,8 +189,10 @@ class WorkerPath(DataPath):
 
     def augment(self, dataset: ImageDataset, views: dict[str, str],
                 neighbors: np.ndarray | None = None,
-                generator: torch.Generator | None = None) -> WorkerAugment:
-        return WorkerAugment(dataset, views, neighbors, self.device, channels_last(self.cfg, self.device))
+                generator: torch.Generator | None = None,
+                training: bool = True) -> WorkerAugment:
+        return WorkerAugment(dataset, views, neighbors, self.device,
+                             channels_last(self.cfg, self.device, training))
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
                 train: bool, shard: bool = False) -> Batches:
@@ -257,16 +266,12 @@ class DevicePath(DataPath):
             return B.eval_batch(x, d.image_size, d.mean, d.std)
         raise ValueError(f"unknown view kind {kind!r}")
 
-    def layout(self, view: torch.Tensor) -> torch.Tensor:
-        if channels_last(self.cfg, self.device):
-            return view.contiguous(memory_format=torch.channels_last)
-        return view
-
     def augment(self, dataset: ImageDataset, views: dict[str, str],
                 neighbors: np.ndarray | None = None,
-                generator: torch.Generator | None = None) -> DeviceAugment:
+                generator: torch.Generator | None = None,
+                training: bool = True) -> DeviceAugment:
         images, targets = self._tensors(dataset)
-        return DeviceAugment(self, images, targets, views, neighbors, generator)
+        return DeviceAugment(self, images, targets, views, neighbors, generator, training)
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
                 train: bool, shard: bool = False) -> Batches:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +121,96 @@ def pretrained_state(name: str) -> dict[str, torch.Tensor]:
 
 
 def _timm_state(model_name: str) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights: from the local cache when they are there, else through the
+    hub client, unless the hub cannot be reached (then at once: the client retries for about
+    a minute before it gives up)."""
     timm = _timm()
+    cached = weights_file(TIMM_PREFIX + model_name)
+    if cached is None and not hub_reachable():
+        raise PretrainedError(
+            f"cannot get the pretrained weights of timm:{model_name}: they are not in the "
+            f"Hugging Face cache ({hf_cache_dir()}) and huggingface.co cannot be reached; run "
+            f"once with a network to fill the cache, or download the model's weights file and "
+            f"pass it: --backbone FILE model.backbone=timm:{model_name}")
+    overlay = {"pretrained_cfg_overlay": {"file": str(cached)}} if cached is not None else {}
     try:
-        model = timm.create_model(model_name, pretrained=True, num_classes=0)
+        model = timm.create_model(model_name, pretrained=True, num_classes=0, **overlay)
     except Exception as err:  # hub client errors have no common base class beyond Exception
         if not isinstance(err, (OSError, RuntimeError, ValueError)) and \
                 "huggingface" not in type(err).__module__:
             raise
-        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PretrainedError(
             f"cannot get the pretrained weights of timm:{model_name} ({first[:160]}); run once "
-            f"with a network to fill the Hugging Face cache ({cache}), or download the model's "
-            f"weights file and pass it: --backbone FILE model.backbone=timm:{model_name}") from None
+            f"with a network to fill the Hugging Face cache ({hf_cache_dir()}), or download the "
+            f"model's weights file and pass it: --backbone FILE "
+            f"model.backbone=timm:{model_name}") from None
     return model.state_dict()
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+HUB_HOST = "huggingface.co"
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 1.5) -> bool:
+    """Whether a download from ``host`` can start: ``HF_HUB_OFFLINE`` says no; behind a proxy
+    the client's own attempt decides (a direct connection says nothing there); else a TCP
+    connection within ``timeout`` seconds (a machine without DNS fails in milliseconds)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def weights_file(name: str) -> Path | None:
+    """The local file of a library backbone's pretrained weights, if it is already on this
+    machine: torch.hub's checkpoint cache for torchvision (``TORCH_HOME``), the Hugging Face
+    cache for timm (``HF_HUB_CACHE`` / ``HF_HOME``; older timm weights by URL in torch.hub's
+    cache). Looks at files only, never at the network."""
+    if name.startswith(TIMM_PREFIX):
+        timm = _timm()
+        try:
+            cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX):], allow_unregistered=False)
+        except (RuntimeError, ValueError):
+            cfg = None
+        if cfg is None:
+            return None
+        if cfg.hf_hub_id:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+                if filename:
+                    found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                    if isinstance(found, str) and os.path.isfile(found):
+                        return Path(found)
+        url = cfg.url
+    else:
+        import torchvision.models as tvm
+
+        try:
+            url = tvm.get_model_weights(name).DEFAULT.url
+        except (ValueError, KeyError):
+            return None
+    if not url:
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return path if path.is_file() else None
 
 
 def load_pretrained(backbone: nn.Module, name: str) -> None:

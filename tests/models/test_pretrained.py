@@ -4,6 +4,7 @@ the one-line error that says where to put a weights file when there is no networ
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from urllib.error import URLError
 
@@ -15,7 +16,7 @@ import torchvision.models._api as tv_api
 from scanclust.config import ConfigError, load_config
 from scanclust.models import build_backbone
 from scanclust.models.pretrained import (PretrainedError, input_settings, library_backbone,
-                                         load_pretrained, pretrained_state)
+                                         load_pretrained, pretrained_state, weights_file)
 
 
 def test_torchvision_names_become_backbones() -> None:
@@ -74,15 +75,55 @@ def test_input_settings_follow_the_weights() -> None:
                                           "std": [0.229, 0.224, 0.225]}
 
 
-def test_timm_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("timm")
+def hf_cache_with(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
+    """A Hugging Face hub cache holding ``repo``'s model.safetensors, laid out as a download
+    leaves it (refs/main names the snapshot)."""
+    from safetensors.torch import save_file
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    return snapshot / "model.safetensors"
+
+
+def test_timm_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = pytest.importorskip("timm")
+    import huggingface_hub.constants as hf
+
     net = build_backbone("timm:resnet18")
     assert net.out_dim == 512 and net.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
     with pytest.raises(PretrainedError, match="timm has no model"):
         build_backbone("timm:resnet_that_does_not_exist")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; fail at once
-    with pytest.raises(PretrainedError, match="Hugging Face cache") as info:
-        pretrained_state("timm:resnet18.a1_in1k")
-    assert "\n" not in str(info.value)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 or no network
+    name = "timm:test_resnet.r160_in1k"
+    started = time.perf_counter()
+    with pytest.raises(PretrainedError, match="not in the Hugging Face cache") as info:
+        pretrained_state(name)
+    assert time.perf_counter() - started < 2  # no minute of hub retries
+    assert "\n" not in str(info.value) and str(tmp_path / "hub") in str(info.value)
+    torch.manual_seed(0)
+    reference = timm.create_model("test_resnet.r160_in1k", num_classes=1000).state_dict()
+    path = hf_cache_with(tmp_path / "hub", "timm/test_resnet.r160_in1k", reference)
+    assert weights_file(name) == path
+    backbone = build_backbone(name)
+    load_pretrained(backbone, name)  # from the cache, offline
+    key = next(k for k in backbone.state_dict() if k.endswith("conv1.weight"))
+    assert torch.equal(backbone.state_dict()[key], reference[key])
     settings = input_settings("timm:resnet18.a1_in1k")
     assert settings["image_size"] == 224 and len(settings["mean"]) == 3
+
+
+def test_weights_file_finds_torchvision_weights_in_torch_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert weights_file("resnet18") is None
+    target = tmp_path / "hub" / "checkpoints" / os.path.basename(
+        torchvision.models.ResNet18_Weights.DEFAULT.url)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    assert weights_file("resnet18") == target
+    assert weights_file("resnet_that_does_not_exist") is None
