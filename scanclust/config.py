@@ -260,9 +260,13 @@ def load_config(source: str | Path | dict | Config | None = None,
         path = _resolve_path(source)
         origin = str(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            # YAML is UTF-8; config.yaml holds a folder name that is not as "\uDCE9" (byte 0xE9)
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                              f"offset {err.start}); save it as UTF-8") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = _deep_copy(data)

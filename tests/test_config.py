@@ -166,3 +166,19 @@ def test_weights_file_without_the_weights_method_is_an_error() -> None:
 def test_builtin_configs_take_the_cluster_count_from_the_data(name: str) -> None:
     """A recipe's class count must not silently apply to a user's unlabelled folder."""
     assert load_config(name).model.num_clusters is None
+
+
+def test_a_root_that_is_not_utf8_round_trips_and_a_latin1_file_is_an_error(
+        tmp_path: Path) -> None:
+    import os
+
+    from scanclust.config import save_config
+
+    root = os.fsdecode(b"/data/caf\xe9")  # a folder name that is not UTF-8
+    save_config(load_config(None, {"data.root": root}), tmp_path / "config.yaml")
+    assert '"/data/caf\\uDCE9"' in (tmp_path / "config.yaml").read_text(encoding="ascii")
+    assert load_config(tmp_path / "config.yaml").data.root == root
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  root: /data/caf\xe9\n")  # by hand
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at "
+                                          r"offset 23\); save it as UTF-8$"):
+        load_config(tmp_path / "latin1.yaml")
