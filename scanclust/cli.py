@@ -205,9 +205,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                           labels_from_folders=args.labels_from_folders, strict=args.strict,
                           export=args.export, k_range=args.k_range, criterion=args.criterion,
                           overrides=overrides, resume=args.resume, force=args.force)
+        from scanclust.data.images import escape_name
+
         print(f"{summary['num_images']} images in {summary['num_clusters']} clusters "
               f"({summary['num_skipped']} files skipped) in {summary['total_seconds']:.0f} s; "
-              f"open {summary['report']}")
+              f"open {escape_name(summary['report'])}")
         return 0
     if args.command == "report":
         load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch

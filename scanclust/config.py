@@ -274,9 +274,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     CIFAR-10's and would start a download the user never asked for."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
-        raise ConfigError(f"cannot read config {path}: {reason}") from None
+    except UnicodeDecodeError as err:
+        # YAML is UTF-8; config.yaml holds a folder name that is not as "\uDCE9" (byte 0xE9)
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                          f"offset {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -19,6 +19,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from scanclust import distributed
 from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
+from scanclust.data.images import escape_name
 from scanclust.data.paths import data_path_for
 from scanclust.figures import low_confidence_indices, plot_confusion, plot_image_grid, prototype_indices
 from scanclust.health import check_finite_array, collapse_warning
@@ -87,7 +88,9 @@ def write_figures(name: str, metrics: dict[str, Any], probs: np.ndarray, feats: 
         matrix = np.zeros((classes, classes), dtype=np.int64)
         valid = mapped >= 0
         np.add.at(matrix, (dataset.targets[labelled][valid], mapped[valid]), 1)
-        plot_confusion(matrix, folder / f"{name}_confusion.png", dataset.classes,
+        # class names are subfolder names: any bytes, which no font can draw as they are
+        names = [escape_name(c) for c in dataset.classes] if dataset.classes else None
+        plot_confusion(matrix, folder / f"{name}_confusion.png", names,
                        f"{name}: ACC {metrics['acc']:.3f}")
     prototypes = prototype_indices(probs, feats)
     plot_image_grid(_thumbnails(dataset, list(prototypes.values())),

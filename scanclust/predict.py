@@ -8,6 +8,7 @@ view, so a file predicted here gets the cluster it would have got inside the run
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -22,11 +23,11 @@ from PIL import Image
 from scanclust.checkpoint import CheckpointError
 from scanclust.config import Config, load_config
 from scanclust.data import batch_augment as B
-from scanclust.data.images import (ImageReadError, decode_square, iter_decoded, list_images,
-                                   resize_square, to_rgb)
+from scanclust.data.images import (ImageReadError, decode_square, escape_name, iter_decoded,
+                                   list_images, resize_square, to_rgb)
 from scanclust.errors import UserError
 from scanclust.models import ClusterModel
-from scanclust.rundir import RunDir
+from scanclust.rundir import RunDir, atomic_write
 from scanclust.runtime import autocast, resolve_device
 from scanclust.scan import load_scan_model
 from scanclust.selflabel import load_selflabel_model
@@ -76,8 +77,8 @@ class Clusterer:
         """
         probs = []
         batch: list[np.ndarray] = []
-        for item in _items(images):
-            batch.append(self._square(item))
+        for i, item in enumerate(_items(images)):
+            batch.append(self._square(item, i))
             if len(batch) == batch_size:
                 probs.append(self.predict_arrays(np.stack(batch)))
                 batch = []
@@ -86,15 +87,24 @@ class Clusterer:
         p = np.concatenate(probs) if probs else np.zeros((0, self.model.num_clusters), np.float32)
         return p.argmax(1), p
 
-    def _square(self, item: ImageInput) -> np.ndarray:
-        if isinstance(item, (str, Path)):
-            try:
+    def _square(self, item: ImageInput, position: int) -> np.ndarray:
+        try:
+            if isinstance(item, (str, Path)):
                 return decode_square(item, self.size)
-            except ImageReadError as err:
-                raise PredictError(f"cannot read image {item}: {err}") from None
-        if isinstance(item, np.ndarray):
-            item = Image.fromarray(item if item.ndim == 2 or item.shape[2] != 1 else item[..., 0])
-        return resize_square(to_rgb(item), self.size)
+            image = item if isinstance(item, Image.Image) else Image.fromarray(
+                item if item.ndim == 2 or item.shape[2] != 1 else item[..., 0])
+            return resize_square(to_rgb(image), self.size)
+        except ImageReadError as err:
+            raise PredictError(f"cannot read {_describe(item, position)}: {err}") from None
+
+
+def _describe(item: ImageInput, position: int) -> str:
+    """A path by its name; an image in memory by its place among the inputs and its shape."""
+    if isinstance(item, (str, Path)):
+        return f"image {escape_name(item)}"
+    if isinstance(item, np.ndarray):
+        return f"item {position} (a numpy array of shape {item.shape})"
+    return f"item {position} (a PIL image of {item.size[0]}x{item.size[1]} pixels)"
 
 
 def _items(images: Any) -> Iterator[ImageInput]:
@@ -174,12 +184,17 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None,
                     device: str = "auto", batch_size: int = 256, strict: bool = False) -> int:
     """``scanclust predict``: CSV rows ``path, cluster, confidence``; unreadable files are
-    skipped with a warning (or stop the command with ``strict``)."""
+    skipped with a warning (or stop the command with ``strict``).
+
+    Paths are written as ``escape_name`` gives them. A ``csv_path`` is replaced only once the
+    new CSV is complete, so a failure leaves an earlier file as it was.
+    """
     if batch_size < 1:
         raise PredictError("--batch-size must be >= 1")
     paths, skipped = expand_inputs(inputs)
     if strict and skipped:
-        raise PredictError(f"cannot read image {skipped[0][0]}: {skipped[0][1]} (--strict)")
+        raise PredictError(f"cannot read image {escape_name(skipped[0][0])}: {skipped[0][1]} "
+                           f"(--strict)")
     clusterer = load(run_dir, device=device)
     rows: list[tuple[str, int, float]] = []
     done = 0
@@ -188,27 +203,31 @@ def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None
         done += len(arrays)
         for i, reason in sorted(failures.items()):
             if strict:
-                raise PredictError(f"cannot read image {batch_paths[i]}: {reason} (--strict)")
+                raise PredictError(f"cannot read image {escape_name(batch_paths[i])}: {reason} "
+                                   f"(--strict)")
             skipped.append((str(batch_paths[i]), reason))
         good = [i for i in range(len(arrays)) if i not in failures]
         if not good:
             continue
         probs = clusterer.predict_arrays(arrays[good])
-        rows += [(str(batch_paths[i]), int(p.argmax()), float(p.max())) for i, p in zip(good, probs)]
+        rows += [(escape_name(batch_paths[i]), int(p.argmax()), float(p.max()))
+                 for i, p in zip(good, probs)]
     for name, reason in skipped:
-        log.warning("skipped %s: %s", name, reason)
+        log.warning("skipped %s: %s", escape_name(name), escape_name(reason))
     if not rows:
         raise PredictError(f"no readable image among the {len(inputs)} inputs "
                            f"({len(skipped)} skipped)")
-    handle = open(csv_path, "w", newline="", encoding="utf-8") if csv_path else sys.stdout
-    try:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "cluster", "confidence"])
-        for name, cluster, confidence in rows:
-            writer.writerow([name, cluster, f"{confidence:.6f}"])
-    finally:
-        if csv_path:
-            handle.close()
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "cluster", "confidence"])
+    for name, cluster, confidence in rows:
+        writer.writerow([name, cluster, f"{confidence:.6f}"])
+    if csv_path:
+        with atomic_write(Path(csv_path), PredictError) as handle:
+            handle.write(text.getvalue().encode("utf-8"))
+    else:
+        sys.stdout.write(text.getvalue())
     log.info("predict: %d images assigned with the %s model of %s, %d skipped%s", len(rows),
-             clusterer.stage, run_dir, len(skipped), f"; wrote {csv_path}" if csv_path else "")
+             clusterer.stage, escape_name(run_dir), len(skipped),
+             f"; wrote {escape_name(csv_path)}" if csv_path else "")
     return 0

@@ -9,6 +9,10 @@
 The final model (self-label if it finished, else SCAN) assigns every readable image. A
 cluster's prototypes are the members closest to the mean embedding of its 10 most confident
 members (SPEC section 5; the first one is the prototype of the figures).
+
+Every file name written (CSV, JSON, skipped.txt, the page) is ``images.escape_name`` of it:
+an ordinary name as it is, one holding a tab, newline, backslash or bytes that are not UTF-8
+in a lossless escaped form (``images.unescape_name`` reverses it). Exports use the real files.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from scanclust.config import Config
+from scanclust.data.images import escape_name
 from scanclust.errors import UserError
 from scanclust.rundir import RunDir, atomic_write, read_json, write_json
 
@@ -92,7 +97,7 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     feats_np = feats.numpy()
     del model, clusterer
 
-    paths = [dataset.relative(i) for i in range(len(dataset))]
+    paths = [escape_name(dataset.relative(i)) for i in range(len(dataset))]
     pred, confidence = probs.argmax(1), probs.max(1)
     prototypes = cluster_prototypes(probs, feats_np)
     is_prototype = np.zeros(len(paths), dtype=bool)
@@ -102,8 +107,9 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     clusters = cluster_summary(pred, confidence, prototypes, paths, probs.shape[1])
     write_json(run.root / "clusters.json", {
         "num_images": len(paths), "num_clusters": int(probs.shape[1]), "stage": _stage(run),
-        "folder": str(dataset.root), "clusters": clusters})
-    skipped = [(_relative(p, dataset.root), reason) for p, reason in dataset.skipped]
+        "folder": escape_name(dataset.root), "clusters": clusters})
+    skipped = [(escape_name(_relative(p, dataset.root)), escape_name(reason))
+               for p, reason in dataset.skipped]
     write_skipped(run.root / "skipped.txt", skipped)
     if export is not None:
         export_clusters(run.root / "clusters", dataset, pred, export)
@@ -133,7 +139,8 @@ def _relative(path: Path, root: Path) -> str:
 
 def write_assignments(path: Path, paths: list[str], pred: np.ndarray, confidence: np.ndarray,
                       is_prototype: np.ndarray) -> None:
-    """One row per image, in folder order; confidence is the max probability (6 decimals)."""
+    """One row per image, in folder order; confidence is the max probability (6 decimals).
+    ``paths`` are escaped names (``escape_name``)."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["path", "cluster", "confidence", "prototype"])
@@ -157,6 +164,8 @@ def cluster_summary(pred: np.ndarray, confidence: np.ndarray, prototypes: dict[i
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """``name<TAB>reason`` lines; both escaped (``escape_name``), so neither holds a tab or a
+    line break and ``line.split("\\t")`` gives the two fields back."""
     lines = [f"{name}\t{reason}\n" for name, reason in skipped]
     with atomic_write(path) as handle:
         handle.write("".join(lines).encode("utf-8"))
@@ -269,7 +278,7 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
              f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
              f"img-src data:; style-src 'unsafe-inline'\">"
              f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>scanclust: {html.escape(str(dataset.root.name))}</title>"
+             f"<title>scanclust: {html.escape(escape_name(dataset.root.name))}</title>"
              f"<style>{CSS}</style></head><body>"]
     parts.append(_header(run, cfg, dataset, paths, clusters, skipped, metrics, stage))
     parts.append("<main>")
@@ -336,8 +345,8 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
     nav = "".join(f"<a href='#cluster-{row['cluster']}'>{row['cluster']} "
                   f"<span class='muted'>({row['size']})</span></a>" for row in clusters)
     extra = "<a href='#skipped'>skipped files</a>" if skipped else ""
-    return (f"<header><h1>Clusters of {html.escape(str(dataset.root))}</h1>"
-            f"<div class='muted'>scanclust run {html.escape(str(run.root))}, "
+    return (f"<header><h1>Clusters of {html.escape(escape_name(dataset.root))}</h1>"
+            f"<div class='muted'>scanclust run {html.escape(escape_name(run.root))}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}; every image with its cluster and confidence "
             f"is in assignments.csv</div><div class='stats'>{cells}</div>"
             f"<nav><a href='#low'>least confident</a>{nav}{extra}</nav></header>")

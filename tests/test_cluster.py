@@ -133,6 +133,7 @@ def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     assert "scan.epochs" in err and len(err.strip().splitlines()) == 1
 
 
+<<<<<<< HEAD
 def _pngs(folder: Path, count: int, broken: int = 0) -> Path:
     from PIL import Image
 
@@ -177,3 +178,55 @@ def test_a_folder_too_small_is_refused_in_the_commands_terms_and_leaves_nothing(
     assert not out.exists()  # no run directory, no decode cache
     with pytest.raises(ConfigError, match="use at most 2:4"):
         parse_k_range("2:9", 5)
+=======
+def test_names_that_are_not_utf8_or_hold_tabs_and_newlines(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A Latin-1 folder, class folder and file, names with a tab, a newline and a backslash:
+    every image is read, every output names it in the escaped form (``escape_name``) that
+    leads back to the file, and the exported copies carry the real names."""
+    from scanclust.data.images import escape_name, unescape_name
+
+    def odd(path: Path, name: bytes) -> Path:
+        return Path(os.fsdecode(os.fsencode(path) + name))
+
+    folder, out = odd(tmp_path, b"/ph\xf6tos"), odd(tmp_path, b"/r\xfcn")
+    write_digit_folder(folder, per_class=20, nested=True)
+    for loose in ("broken.jpg", "._0_00.png", "drawing.svg", "notes.txt"):
+        (folder / loose).unlink()  # class folders only (--labels-from-folders)
+    for old, new in ((b"/d0/0_02.png", b"/d0/caf\xe9.png"), (b"/d1/1_02.png", b"/d1/tab\there.png"),
+                     (b"/d7/7_02.png", b"/d7/new\nline.png"),
+                     (b"/d1/1_04.png", b"/d1/back\\slash.png"), (b"/d7", b"/d\xe97")):
+        os.rename(odd(folder, old), odd(folder, new))
+    odd(folder, b"/d0/bad\t\n\xe9.jpg").write_bytes(b"not an image")
+    assert main(["cluster", str(folder), "--out", str(out), "--preset", "quick",
+                 "--labels-from-folders", "--export", "copy", *CLUSTER_TINY]) == 0
+    assert capsys.readouterr().out.endswith("open " + escape_name(out) + "/report.html\n")
+
+    text = (out / "assignments.csv").read_text(encoding="utf-8")  # strict UTF-8
+    assert len(text.splitlines()) == 61  # a header and 60 images: no name breaks a line
+    paths = [r["path"] for r in csv.DictReader(text.splitlines())]
+    assert {"d0/caf\\xe9.png", "d1/tab\\there.png", "d\\xe97/new\\nline.png",
+            "d1/back\\\\slash.png"} <= set(paths)
+    assert all((folder / unescape_name(p)).is_file() for p in paths) and len(set(paths)) == 60
+    lines = (out / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t") for line in lines] == [
+        ["d0/bad\\t\\n\\xe9.jpg", "not an image Pillow can identify (corrupt, empty or another "
+                                  "format)"]]
+    clusters = json.loads((out / "clusters.json").read_text(encoding="utf-8"))
+    assert clusters["folder"] == escape_name(folder) and clusters["folder"].endswith("ph\\xf6tos")
+    assert {p for c in clusters["clusters"] for p in c["prototypes"]} <= set(paths)
+    assert load_config(out / "config.yaml").data.root == str(folder)  # the real name, kept
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 3 and "acc" in metrics["stages"]["selflabel"]
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for caption in ("caf\\xe9.png", "tab\\there.png", "new\\nline.png", "back\\\\slash.png"):
+        assert f"<figcaption>{caption}</figcaption>" in page
+    assert 'title="d\\xe97/new\\nline.png (confidence ' in page
+    assert f"<h1>Clusters of {escape_name(folder)}</h1>" in page
+    assert "<td>d0/bad\\t\\n\\xe9.jpg</td>" in page
+    # --export copy: the real files under their real names
+    copies = {os.fsencode(p.name) for p in (out / "clusters").rglob("*") if p.is_file()}
+    assert len(copies) == 60
+    assert {b"d0__caf\xe9.png", b"d1__tab\there.png", b"d\xe97__new\nline.png"} <= copies
+>>>>>>> fix-names

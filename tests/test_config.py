@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scanclust.config import Config, ConfigError, builtin_configs, load_config
 
@@ -189,3 +190,20 @@ def test_invalid_yaml_is_one_line_naming_the_file_and_the_place(tmp_path: Path) 
     with pytest.raises(ConfigError, match="expected a mapping of section: settings at the top "
                                           "level, got list"):
         load_config(path)
+
+
+def test_a_root_that_is_not_utf8_round_trips_and_a_latin1_file_is_an_error(
+        tmp_path: Path) -> None:
+    import os
+
+    from scanclust.rundir import RunDir
+
+    root = os.fsdecode(b"/data/caf\xe9")  # a folder name that is not UTF-8
+    RunDir(tmp_path).write_text(tmp_path / "config.yaml", yaml.safe_dump(
+        load_config(None, {"data.root": root}).to_dict(), sort_keys=False))  # as runs write it
+    assert '"/data/caf\\uDCE9"' in (tmp_path / "config.yaml").read_text(encoding="ascii")
+    assert load_config(tmp_path / "config.yaml").data.root == root
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  root: /data/caf\xe9\n")  # by hand
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at "
+                                          r"offset 23\); save it as UTF-8$"):
+        load_config(tmp_path / "latin1.yaml")

@@ -78,3 +78,54 @@ def test_predict_command(folder_run: tuple[Path, Path, list[str]], tmp_path: Pat
     assert printed[0] == ["path", "cluster", "confidence"] and len(printed) == 2
     assert main(["predict", str(out), str(extra / "bad.jpg"), "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err
+
+
+def test_predict_names_that_are_not_utf8(folder_run: tuple[Path, Path, list[str]],
+                                         tmp_path: Path, capsys: pytest.CaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files with a Latin-1 name, a tab or a newline are read and written escaped; a CSV is
+    replaced only when the new one is complete."""
+    import os
+
+    from scanclust.data.images import escape_name
+
+    folder, out, readable = folder_run
+    new = Path(os.fsdecode(os.fsencode(tmp_path) + b"/n\xe9w"))
+    new.mkdir()
+    for name in (b"caf\xe9.png", b"tab\there.png", b"new\nline.png"):
+        Image.open(folder / readable[0]).save(os.fsencode(new) + b"/" + name, format="PNG")
+    old = tmp_path / "old.csv"
+    old.write_text("path,cluster,confidence\nearlier.png,1,0.5\n")
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the new CSV cannot be completed
+    assert main(["predict", str(out), str(new), "--csv", str(old)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"scanclust: error: cannot write {old}: No space left on device"]
+    assert old.read_text() == "path,cluster,confidence\nearlier.png,1,0.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n\udce9w", "old.csv"]  # no leftovers
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    assert main(["predict", str(out), str(new), "--csv", str(old)]) == 0
+    text = old.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 4
+    prefix = escape_name(new)
+    assert prefix.endswith("/n\\xe9w")
+    assert [r["path"] for r in csv.DictReader(text.splitlines())] == [
+        f"{prefix}/caf\\xe9.png", f"{prefix}/new\\nline.png", f"{prefix}/tab\\there.png"]
+    capsys.readouterr()
+    assert main(["predict", str(out), os.fsdecode(os.fsencode(new) + b"/caf\xe9.png")]) == 0
+    printed = list(csv.reader(io.StringIO(capsys.readouterr().out)))  # stdout: UTF-8 strict
+    assert printed[1][0] == f"{prefix}/caf\\xe9.png"
+
+
+def test_empty_image_is_a_one_line_error(folder_run: tuple[Path, Path, list[str]]) -> None:
+    with pytest.raises(PredictError, match=r"^cannot read item 0 \(a numpy array of shape "
+                                           r"\(0, 20, 3\)\): empty image \(20x0 pixels\)$"):
+        scanclust.predict(folder_run[1], np.zeros((0, 20, 3), np.uint8))
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(PredictError, match=r"^cannot read item 1 \(a PIL image of 0x5 pixels\)"):
+        scanclust.load(folder_run[1]).predict([pixels, Image.new("RGB", (0, 5))])

@@ -32,7 +32,10 @@ _MEMORY_KEEP = 2
 
 
 def cache_key(paths: list[Path], size: int) -> str:
-    """A hash of what decides the decoded pixels: each file's path, size and mtime, and ``size``."""
+    """A hash of what decides the decoded pixels: each file's path, size and mtime, and ``size``.
+
+    Paths are hashed as their bytes (``os.fsencode``): a name that is not UTF-8 is held as
+    surrogate escapes, which ``str.encode`` refuses."""
     digest = hashlib.sha256(f"{FORMAT}:{size}".encode())
     for path in paths:
         try:
@@ -40,7 +43,7 @@ def cache_key(paths: list[Path], size: int) -> str:
             version = f"{stat.st_size}\0{stat.st_mtime_ns}"
         except OSError:  # gone since it was listed: decoding will record why
             version = "missing"
-        digest.update(f"\0{os.path.abspath(path)}\0{version}".encode())
+        digest.update(b"\0" + os.fsencode(os.path.abspath(path)) + f"\0{version}".encode())
     return digest.hexdigest()[:20]
 
 

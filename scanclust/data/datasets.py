@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from scanclust.config import DataConfig
 from scanclust.data.cache import decoded_images
-from scanclust.data.images import (READABLE_EXTENSIONS, ImageReadError, Listing, list_images,
-                                   open_image)
+from scanclust.data.images import (READABLE_EXTENSIONS, ImageReadError, Listing, escape_name,
+                                   list_images, open_image)
 from scanclust.errors import UserError
 
 UNLABELED = -1
@@ -183,7 +183,7 @@ def _open_rgb(path: Path, size: int | None = None) -> Image.Image:
     try:
         return open_image(path, size)
     except ImageReadError as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from None
+        raise DatasetError(f"cannot read image {escape_name(path)}: {err}") from None
 
 
 def _decode_one(path: Path, size: int | None) -> np.ndarray:
@@ -389,7 +389,8 @@ def _scan_folder(folder: Path, key: str, labels_from_folders: bool
         raise DatasetError(f"{key}={folder}: {err}") from None
     if not listing.paths:
         found = f"; {len(listing.skipped)} files could not be used (first: " \
-                f"{listing.skipped[0][0]}: {listing.skipped[0][1]})" if listing.skipped else ""
+                f"{escape_name(listing.skipped[0][0])}: {listing.skipped[0][1]})" \
+            if listing.skipped else ""
         raise DatasetError(f"{key}={folder} contains no images (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)} in it and its subfolders){found}")
     parts = [path.relative_to(folder).parts for path in listing.paths]
@@ -400,7 +401,8 @@ def _scan_folder(folder: Path, key: str, labels_from_folders: bool
     if loose:
         # in a class tree a top-level image has no class; dropping it silently would hide data
         raise DatasetError(f"{key}={folder} has class folders but also {len(loose)} images "
-                           f"outside them (e.g. {loose[0]}); move them into a class folder")
+                           f"outside them (e.g. {escape_name(loose[0])}); move them into a class "
+                           f"folder")
     classes = sorted({p[0] for p in parts})
     position = {name: k for k, name in enumerate(classes)}
     return listing, classes, [position[p[0]] for p in parts]
@@ -434,7 +436,7 @@ def _folder(cfg: DataConfig, split: str) -> FolderDataset:
     skipped = listing.skipped + [(paths[i], reason) for i, reason in sorted(failures.items())]
     if skipped and cfg.strict:
         path, reason = skipped[0]
-        raise DatasetError(f"cannot read image {path}: {reason} (data.strict=true; "
+        raise DatasetError(f"cannot read image {escape_name(path)}: {reason} (data.strict=true; "
                            f"{len(skipped)} unreadable files in all)")
     if failures:
         _warn_skipped(key, [(paths[i], r) for i, r in sorted(failures.items())], len(skipped))
@@ -442,7 +444,7 @@ def _folder(cfg: DataConfig, split: str) -> FolderDataset:
         paths, targets = [paths[i] for i in keep], targets[keep]
     if not paths:
         raise DatasetError(f"{key}={listing.root}: none of its {len(listing.paths)} image files "
-                           f"could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+                           f"could be read (first: {escape_name(skipped[0][0])}: {skipped[0][1]})")
     return FolderDataset(f"folder/{split}", images, paths, listing.root, targets, classes,
                          skipped)
 
@@ -457,7 +459,7 @@ def _warn_skipped(key: str, failures: list[tuple[Path, str]], total: int) -> Non
         return
     _WARNED.add(marker)
     for path, reason in failures[:10]:
-        log.warning("skipped %s: %s", path, reason)
+        log.warning("skipped %s: %s", escape_name(path), reason)
     if len(failures) > 10:
         log.warning("... and %d more unreadable files", len(failures) - 10)
     log.warning("%s: %d files skipped in all (data.strict=true stops instead)", key, total)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,50 @@ class Listing:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+
+# Characters a written name must not hold as they are: the escape character itself, line and
+# field breaks (CSV rows, skipped.txt's path<TAB>reason lines, ``str.splitlines`` readers),
+# other control characters (a terminal reading the log would obey them) and lone surrogates
+# (bytes that are not UTF-8, as ``os.fsdecode`` holds them; no UTF-8 file can store them).
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_name(name: str | bytes | os.PathLike) -> str:
+    """A file name as scanclust writes it (CSV, JSON, skipped.txt, the page, log lines):
+    lossless, one line, and valid UTF-8 whatever bytes the name holds.
+
+    The rule: a backslash becomes ``\\\\``; tab, newline and carriage return become ``\\t``,
+    ``\\n``, ``\\r``; every byte that is not valid UTF-8 becomes ``\\xNN`` (two lowercase hex
+    digits), and so does each UTF-8 byte of the other control characters (U+0000..U+001F,
+    U+007F..U+009F) and of the line and paragraph separators U+2028, U+2029. Everything else
+    is unchanged, so an ordinary name, accents included, is written as it is. ``unescape_name``
+    gives the name back: ``caf\\xe9.png`` is the Latin-1 file ``b"caf\\xe9.png"``.
+    """
+    return _UNSAFE.sub(_escape_char, os.fsdecode(name))
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    try:  # a surrogate escape gives back its one byte, any other character its UTF-8 bytes
+        data = char.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no POSIX file name decodes to
+        data = char.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{byte:02x}" for byte in data)
+
+
+def unescape_name(text: str) -> str:
+    """The name ``escape_name`` wrote, as ``os.fsdecode`` gives it: ``Path(unescape_name(s))``
+    opens the file, and ``os.fsencode`` of it is the name's bytes.
+
+    The written escapes are a subset of Python's ``unicode_escape`` codec, which reads bytes as
+    Latin-1, so each byte (``\\xNN`` or raw UTF-8) comes out as one code point below 256.
+    """
+    raw = text.encode("utf-8", "surrogateescape").decode("unicode_escape").encode("latin-1")
+    return os.fsdecode(raw)
 
 
 def extension_kind(name: str) -> str:
@@ -255,9 +300,13 @@ def resize_square(image: Image.Image, size: int) -> np.ndarray:
     """Shorter side to ``size`` (antialiased), then the centre ``size x size``: HWC uint8.
 
     Pillow first reduces by whole factors (``reducing_gap``), which bounds the cost of
-    shrinking a huge image, then resamples the rest bilinearly.
+    shrinking a huge image, then resamples the rest bilinearly. An image without pixels (a
+    side of 0, which only an array or a PIL image made in memory can have) is an
+    ``ImageReadError``.
     """
     width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageReadError(f"empty image ({width}x{height} pixels)")
     scale = size / min(width, height)
     new = (max(size, round(width * scale)), max(size, round(height * scale)))
     if new != image.size:

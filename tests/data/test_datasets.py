@@ -161,6 +161,23 @@ def test_nested_folder_without_labels_and_disk_cache(tmp_path: Path) -> None:
     assert labelled.classes == ["2023", "2024"] and labelled.targets.tolist() == [0, 0, 1]
 
 
+
+def test_cache_key_hashes_the_bytes_of_names(tmp_path: Path) -> None:
+    """A name that is not UTF-8 hashes as its bytes; a UTF-8 name as before (caches stay
+    valid): sha256 of format 1, size 4, then NUL, path, NUL, version per file."""
+    import hashlib
+    import os
+
+    from scanclust.data.cache import cache_key
+
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"))  # absent: "missing"
+    expected = hashlib.sha256(b"1:4\0" + os.fsencode(tmp_path) + b"/caf\xe9.png\0missing")
+    assert cache_key([latin1], 4) == expected.hexdigest()[:20]
+    plain = tmp_path / "café.png"
+    expected = hashlib.sha256(f"1:4\0{plain}\0missing".encode())
+    assert cache_key([plain], 4) == expected.hexdigest()[:20]
+
+
 def test_digits_split() -> None:
     cfg = _cfg(dataset="digits", image_size=16)
     train, val, pretext = (build_dataset(cfg, s) for s in ("train", "val", "pretext"))

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from scanclust.data import images as I
-from scanclust.data.images import ImageReadError, decode_square, list_images, open_image
+from scanclust.data.images import (ImageReadError, decode_square, escape_name, list_images,
+                                   open_image, unescape_name)
 
 
 def _rgb(path: Path, color=(200, 30, 60), size=(8, 6), **save) -> Path:
@@ -149,3 +150,36 @@ def test_decode_into_reports_failures_by_index(tmp_path: Path) -> None:
     out = np.load(target)
     assert list(failures) == [1] and out[1].max() == 0
     assert [int(out[i, 0, 0, 0]) for i in (0, 2, 3)] == [0, 50, 100]
+
+
+@pytest.mark.parametrize("raw, written", [
+    (b"a\\b\tc\xe9.png", "a\\\\b\\tc\\xe9.png"),  # backslash, tab, a Latin-1 byte
+    (b"new\nline\r.png", "new\\nline\\r.png"),
+    (b"esc\x1b[31m\x7f.png", "esc\\x1b[31m\\x7f.png"),  # control characters: one byte each
+    ("a\u2028b\x85.png".encode(), "a\\xe2\\x80\\xa8b\\xc2\\x85.png"),  # UTF-8 line breaks
+    (b"d\xff/\xc3.png", "d\\xff/\\xc3.png"),  # a lone byte, a cut-off UTF-8 sequence
+    (b"\\x41.png", "\\\\x41.png"),  # a name that looks like an escape stays itself
+    ("naïve été <b>.png".encode(), "naïve été <b>.png"),  # an ordinary name: as it is
+])
+def test_escape_name_by_hand(raw: bytes, written: str) -> None:
+    assert escape_name(raw) == written
+    assert escape_name(os.fsdecode(raw)) == written == escape_name(Path(os.fsdecode(raw)))
+    assert os.fsencode(unescape_name(written)) == raw
+    assert "\t" not in written and len(written.splitlines()) == 1
+    written.encode("utf-8")  # always writable as UTF-8
+
+
+def test_names_that_are_not_utf8_are_listed_and_decoded(tmp_path: Path) -> None:
+    for k, name in enumerate([b"caf\xe9.png", b"new\nline.png", b"sub\xff/x.png",
+                              b"tab\there.png"]):
+        path = Path(os.fsdecode(os.fsencode(tmp_path / "in") + b"/" + name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _rgb(path, color=(k * 50, 0, 0))
+    listing = list_images(tmp_path / "in")
+    assert [escape_name(listing.relative(p)) for p in listing.paths] == [
+        "caf\\xe9.png", "new\\nline.png", "sub\\xff/x.png", "tab\\there.png"]
+    assert listing.skipped == []
+    target = tmp_path / "out.npy"
+    np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(4, 4, 4, 3))
+    assert I.decode_into(listing.paths, 4, target, workers=2, progress=False) == {}
+    assert np.load(target)[:, 0, 0, 0].tolist() == [0, 50, 100, 150]
