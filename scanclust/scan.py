@@ -28,7 +28,8 @@ from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, Heads, backbone_state, build_backbone
 from scanclust.preflight import num_clusters
 from scanclust.rundir import RunDir, exclusive
-from scanclust.runtime import autocast, capture_rng, channels_last, derive_seed, resolve_device, restore_rng, seed_all
+from scanclust.runtime import (autocast, capture_rng, channels_last, derive_seed, resolve_device,
+                               restore_rng, seed_all)
 from scanclust.step import TrainStep
 from scanclust.training import (build_optimizer, build_scheduler, checkpoint_due, cpu_state, log,
                                 prepare_model, progress, begin_stage)

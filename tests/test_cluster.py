@@ -133,7 +133,6 @@ def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     assert "scan.epochs" in err and len(err.strip().splitlines()) == 1
 
 
-<<<<<<< HEAD
 def _pngs(folder: Path, count: int, broken: int = 0) -> Path:
     from PIL import Image
 
@@ -178,7 +177,8 @@ def test_a_folder_too_small_is_refused_in_the_commands_terms_and_leaves_nothing(
     assert not out.exists()  # no run directory, no decode cache
     with pytest.raises(ConfigError, match="use at most 2:4"):
         parse_k_range("2:9", 5)
-=======
+
+
 def test_names_that_are_not_utf8_or_hold_tabs_and_newlines(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     """A Latin-1 folder, class folder and file, names with a tab, a newline and a backslash:
@@ -229,4 +229,3 @@ def test_names_that_are_not_utf8_or_hold_tabs_and_newlines(tmp_path: Path,
     copies = {os.fsencode(p.name) for p in (out / "clusters").rglob("*") if p.is_file()}
     assert len(copies) == 60
     assert {b"d0__caf\xe9.png", b"d1__tab\there.png", b"d\xe97__new\nline.png"} <= copies
->>>>>>> fix-names
