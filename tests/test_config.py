@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,27 @@ def test_a_root_that_is_not_utf8_round_trips_and_a_latin1_file_is_an_error(
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at "
                                           r"offset 23\); save it as UTF-8$"):
         load_config(tmp_path / "latin1.yaml")
+
+
+def test_every_builtin_config_resolves_to_its_recorded_values() -> None:
+    # tests/builtin_configs.json holds each built-in config as it resolved before the configs
+    # were written as changes to a base: composing them must not move a single value.
+    recorded = json.loads((Path(__file__).parent / "builtin_configs.json").read_text())
+    assert sorted(recorded) == builtin_configs()
+    for name, values in recorded.items():
+        assert load_config(name).to_dict() == values, name
+
+
+def test_a_config_file_composed_from_a_base(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("base: demo\nscan: {epochs: 3}\n")
+    (tmp_path / "more.yaml").write_text("base: mine.yaml\nscan: {num_heads: 2}\n")
+    cfg = load_config(tmp_path / "more.yaml")
+    assert (cfg.scan.epochs, cfg.scan.num_heads, cfg.data.dataset) == (3, 2, "digits")
+    assert cfg.scan.batch_size == load_config("demo").scan.batch_size
+    (tmp_path / "bad.yaml").write_text("base: more.yaml\nscan: {epoch: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'scan.epoch' in .*bad.yaml; did "
+                                          r"you mean 'scan.epochs'\?"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "mine.yaml").write_text("base: more.yaml\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: 'base: more.yaml' leads back to itself"):
+        load_config(tmp_path / "more.yaml")
