@@ -38,7 +38,7 @@ from scanclust.pipeline import STAGE_FUNCTIONS  # noqa: E402
 from scanclust.rundir import STAGE_DIRS, RunDir, read_json  # noqa: E402
 
 ORDER = ("pretext", "mine", "scan", "selflabel")
-# SPEC section 2's settings where the text and the released code differ, the text's reading
+# The settings where the paper's text and the released code differ (README): the text's reading
 TEXT_READING = [f"{key}={json.dumps(value)}" for key, value in config.TEXT_READING.items()]
 VARIANTS: dict[str, list[str]] = {  # in the order a short window should try them
     "scan-frozen-cached": ["scan.update_backbone=false", "scan.cached_views=5",

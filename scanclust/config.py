@@ -35,7 +35,8 @@ STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "col
               "posterize")
 
 
-# Where the paper's text and the authors' released code differ (SPEC section 2), the defaults
+# Where the paper's text and the authors' released code differ (README, "Choices where the
+# sources differ"), the defaults
 # follow the code; these values give the text's reading, which is also what checkpoints of
 # format 1 (written before these keys existed) ran with.
 TEXT_READING: dict[str, Any] = {
@@ -86,7 +87,8 @@ class SimCLRAugConfig:
 class StrongAugConfig:
     """Strong view (paper Table S2): flip, ``num_ops`` random ops of ``ops``, then Cutout.
 
-    Where the table is loose, the defaults follow the authors' released code (SPEC section 2);
+    Where the table is loose, the defaults follow the authors' released code (README, "Choices
+    where the sources differ");
     the other reading stays available under the named values in the comments.
     """
 

@@ -21,7 +21,7 @@ TICK_LABELS_MAX = 50
 
 
 def prototype_indices(probs: np.ndarray, embeddings: np.ndarray, top: int = 10) -> dict[int, int]:
-    """Index of each cluster's prototype (SPEC section 5), keyed by cluster; empty clusters absent.
+    """Index of each cluster's prototype (the paper's Fig. 9), keyed by cluster; empty clusters absent.
 
     The prototype is the member closest to the mean embedding of the cluster's ``top`` most
     confident members: a real image that stands for the cluster's core, not its fringe.

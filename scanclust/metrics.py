@@ -1,4 +1,5 @@
-"""Clustering metrics (SPEC section 5): matched accuracy, NMI, ARI, AMI and their spread over runs.
+"""Clustering metrics as the paper reports them: matched accuracy, NMI, ARI, AMI and their
+spread over runs.
 
 Cluster ids are arbitrary, so accuracy needs a mapping from clusters to classes first: a
 one-to-one Hungarian matching when there are as many clusters as classes (or fewer), and a

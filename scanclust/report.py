@@ -8,7 +8,7 @@
 
 The final model (self-label if it finished, else SCAN) assigns every readable image. A
 cluster's prototypes are the members closest to the mean embedding of its 10 most confident
-members (SPEC section 5; the first one is the prototype of the figures).
+members (the paper's "prototypical behavior", Fig. 9; the first is the prototype of the figures).
 
 Every file name written (CSV, JSON, skipped.txt, the page) is ``images.escape_name`` of it:
 an ordinary name as it is, one holding a tab, newline, backslash or bytes that are not UTF-8

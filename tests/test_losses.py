@@ -1,4 +1,4 @@
-"""The three losses (SPEC section 1) on examples small enough to check by hand."""
+"""The three losses (paper eq. 1-2 and section 3.2) on examples small enough to check by hand."""
 
 from __future__ import annotations
 

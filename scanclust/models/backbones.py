@@ -22,10 +22,10 @@ def build_backbone(name: str, width: int = 32) -> nn.Module:
         net.maxpool = nn.Identity()
         return _strip_classifier(net, 512)
     if name == "resnet18_stl":
-        # 96x96 inputs, as the authors' released STL-10 model (SPEC section 2): a 3x3 stride-1
-        # stem, then a 2x2 max-pool of stride 2 with padding 1 (96 -> 49 px), so the four
-        # stages run at 49, 25, 13 and 7 px and the average pool sees a 7x7 map. torchvision's
-        # 7x7/2 stem with its 3x3 pool ("resnet18") would leave a 3x3 map.
+        # 96x96 inputs, as the authors' released STL-10 model (README, "Choices where the sources
+        # differ"): a 3x3 stride-1 stem, then a 2x2 max-pool of stride 2 with padding 1 (96 ->
+        # 49 px), so the four stages run at 49, 25, 13 and 7 px and the average pool sees a 7x7
+        # map. torchvision's 7x7/2 stem with its 3x3 pool ("resnet18") would leave a 3x3 map.
         net = resnet18(weights=None)
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.MaxPool2d(kernel_size=2, stride=2, padding=1)
