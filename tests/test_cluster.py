@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import scanclust
 from scanclust.cli import main
 from scanclust.cluster import cluster, parse_clusters, parse_k_range, plan
 from scanclust.config import ConfigError, load_config
@@ -77,7 +78,8 @@ def test_outputs_of_a_folder_run(folder_run: tuple[Path, Path, list[str]]) -> No
         assert set(c["prototypes"]) <= members and len(c["prototypes"]) == min(5, len(members))
     flagged = {r["path"] for r in rows if r["prototype"] == "true"}
     assert flagged == {p for c in clusters["clusters"] for p in c["prototypes"]}
-    assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
+    _, probs = scanclust.load(out, device="cpu").predict([folder / r["path"] for r in rows[:6]])
+    assert [float(r["confidence"]) for r in rows[:6]] == pytest.approx(probs.max(1), abs=2e-6)
     skipped = dict(line.split("\t") for line in
                    (out / "skipped.txt").read_text(encoding="utf-8").splitlines())
     assert set(skipped) == {"broken.jpg", "._0_00.png", "drawing.svg"}
