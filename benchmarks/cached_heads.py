@@ -2,7 +2,7 @@
 
 With a frozen backbone (the paper's ImageNet setting) the stages train linear heads on
 features computed once (``scan.cached_views`` / ``selflabel.cached_views``). This times those
-head-only loops, the stages' own ``train_one_epoch`` on a ``FeaturePath``, with the
+head-only loops, the stages' own loops and step bodies on a ``FeaturePath``, with the
 ImageNet-50 recipe (10 heads, SGD lr 5.0, batch 512, 100 SCAN epochs; self-label SGD 0.03,
 EMA 0.999, 25 epochs) on synthetic features: 10 Gaussian clusters in 512-d, an eval view and
 ``--views`` augmented views (eval + noise), neighbours mined exactly. Reports seconds per
@@ -14,7 +14,6 @@ stage over ``--repeats`` runs (mean ± std) and the accuracy the heads reach.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
@@ -28,16 +27,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, sync  # noqa: E402
-from scanclust.cached import FeaturePath, feature_store  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
+from scanclust.data.pipelines import FeaturePath, feature_store  # noqa: E402
+from scanclust.engine import train_one_epoch  # noqa: E402
+from scanclust.knn import mine_neighbors  # noqa: E402
 from scanclust.metrics import cluster_metrics  # noqa: E402
-from scanclust.mine import mine_neighbors  # noqa: E402
-from scanclust.models import ClusterModel  # noqa: E402
-from scanclust.runtime import resolve_device  # noqa: E402
-from scanclust.training import build_optimizer, build_scheduler  # noqa: E402
-
-scan_mod = importlib.import_module("scanclust.scan")
-selflabel_mod = importlib.import_module("scanclust.selflabel")
+from scanclust.models import ClusterModel, Heads  # noqa: E402
+from scanclust.runtime import derive_seed, resolve_device  # noqa: E402
+from scanclust.stages.scan import ScanLoop, heldout_scan_loss, scan_body  # noqa: E402
+from scanclust.stages.selflabel import SelfLabelLoop, selflabel_body  # noqa: E402
 
 
 class Frozen(torch.nn.Module):
@@ -63,24 +61,28 @@ def synthetic_features(n: int, dim: int, views: int, classes: int,
 def run_once(features: torch.Tensor, labels: np.ndarray, neighbors: torch.Tensor,
              device: torch.device, scan_epochs: int, selflabel_epochs: int,
              seed: int) -> dict[str, float]:
-    cfg = load_config("imagenet_50", ["device=cpu", "model.num_clusters=10"])
+    cfg = load_config("imagenet_50", ["device=cpu", "model.num_clusters=10",
+                                      f"scan.epochs={scan_epochs}",
+                                      f"selflabel.epochs={selflabel_epochs}", "progress=false"])
     torch.manual_seed(seed)
     model = ClusterModel(Frozen(), 10, cfg.scan.num_heads).to(device)
     store = feature_store(4.0, features.shape[0] - 1, features.shape[1], features.shape[2], device)
     path = FeaturePath(features.to(*store), torch.from_numpy(labels).to(store[0]), device)
-    sc, sl = cfg.scan, cfg.selflabel
-    steps = len(labels) // sc.batch_size
-    optimizer = build_optimizer(model.parameters(), sc.optim, "auto")
-    scheduler = build_scheduler(optimizer, sc.optim, steps * scan_epochs)
+    sc, sl, n = cfg.scan, cfg.selflabel, len(labels)
+    views = {"anchor": sc.augment, "neighbor": sc.augment}
+    augment = path.augment(None, views, neighbors.numpy())
+    loop = ScanLoop("scan", cfg, None, model, scan_body(Heads(model), augment, sc.entropy_weight,
+                                                        device, False),
+                    path, augment, n, device, val=lambda: None, val_neighbors=None, clusters=10)
     sync(device)
     start = time.perf_counter()
     for epoch in range(scan_epochs):
-        batches = path.pairs(neighbors, sc.batch_size, seed=seed * 1000 + epoch)
-        scan_mod.train_one_epoch(model, model.forward_heads, batches, optimizer, scheduler,
-                                 sc.entropy_weight, False, device, False, False, False, "scan")
+        batches = path.batches(augment, sc.batch_size, shuffle=True,
+                               seed=derive_seed(seed, "scan", epoch), train=True)
+        train_one_epoch(loop, batches, "scan")
     with torch.no_grad():
         logits = model.forward_heads(path.features[0].float())
-    loss = scan_mod.heldout_scan_loss(logits.cpu(), neighbors.numpy(), sc.entropy_weight)
+    loss = heldout_scan_loss(logits.cpu(), neighbors.numpy(), sc.entropy_weight)
     best = int(loss.argmin())
     sync(device)
     scan_seconds = time.perf_counter() - start
@@ -88,14 +90,16 @@ def run_once(features: torch.Tensor, labels: np.ndarray, neighbors: torch.Tensor
 
     model.keep_head(best)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(sl.ema), use_buffers=True)
-    optimizer = build_optimizer(model.parameters(), sl.optim, "auto")
-    scheduler = build_scheduler(optimizer, sl.optim, steps * selflabel_epochs)
+    augment = path.augment(None, {"weak": "eval", "strong": sl.augment})
+    loop = SelfLabelLoop("selflabel", cfg, None, model,
+                         selflabel_body(Heads(model), augment, sl.threshold, sl.class_balance,
+                                        device, False),
+                         path, augment, device=device, ema=ema, samples=n)
     start = time.perf_counter()
     for epoch in range(selflabel_epochs):
-        batches = path.weak_strong(sl.batch_size, seed=seed * 1000 + epoch)
-        selflabel_mod.train_one_epoch(model, model.forward_heads, batches, optimizer, scheduler,
-                                      sl.threshold, sl.class_balance, False, ema, device, False,
-                                      False, False, "selflabel")
+        batches = path.batches(augment, sl.batch_size, shuffle=True,
+                               seed=derive_seed(seed, "selflabel", epoch), train=True)
+        train_one_epoch(loop, batches, "selflabel")
     sync(device)
     selflabel_seconds = time.perf_counter() - start
     with torch.no_grad():

@@ -51,8 +51,8 @@ def evaluate(features: np.ndarray, labels: np.ndarray, source: str, seeds: int,
 
 def digits_features(seed: int, work: Path) -> tuple[np.ndarray, np.ndarray]:
     """The demo's pretext and mining for one seed; its mining features and train labels."""
-    from scanclust.mine import mine
-    from scanclust.pretext import pretext
+    from scanclust.stages.mine import mine
+    from scanclust.stages.pretext import pretext
 
     out = work / f"digits-{seed}"
     overrides = [f"seed={seed}", "progress=false"]

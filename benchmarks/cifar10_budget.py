@@ -33,7 +33,7 @@ from benchmarks.common import (DEFAULT_ARCHIVE, images_per_second, machine,  # n
                                training_steps)
 from scanclust.config import Config, load_config  # noqa: E402
 from scanclust.data import build_dataset  # noqa: E402
-from scanclust.data.paths import data_path_for, num_batches  # noqa: E402
+from scanclust.data.pipelines import data_path_for, num_batches  # noqa: E402
 from scanclust.pipeline import STAGE_FUNCTIONS  # noqa: E402
 from scanclust.runtime import resolve_device  # noqa: E402
 

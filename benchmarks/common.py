@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,15 +18,12 @@ from PIL import Image
 
 from scanclust.config import Config
 from scanclust.data.datasets import ArrayDataset, ImageDataset
-from scanclust.data.paths import Batches, data_path_for
-from scanclust.pretext import build_contrastive_model
-from scanclust.scan import build_cluster_model
-from scanclust.step import TrainStep
-from scanclust.training import build_optimizer, build_scheduler, prepare_model
-
-# the stage modules hold the training loops (``scanclust.scan`` itself is the stage function)
-STAGE_MODULES = {name: importlib.import_module(f"scanclust.{name}")
-                 for name in ("pretext", "scan", "selflabel")}
+from scanclust.data.pipelines import Batches, data_path_for
+from scanclust.engine import Loop, build_scheduler, prepare_model, train_one_epoch
+from scanclust.models import build_cluster_model, build_contrastive_model
+from scanclust.stages.pretext import contrastive_body
+from scanclust.stages.scan import scan_body
+from scanclust.stages.selflabel import selflabel_body
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
@@ -97,44 +93,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepLoop(Loop):
+    """The engine's loop without a stage's bookkeeping: every step trains, losses summed."""
+
+    def epoch_stats(self, loss: torch.Tensor, steps: int, skipped: int) -> dict:
+        return {"loss": float(loss.sum()) / max(steps, 1)}
+
+
 def training_steps(step: str, cfg: Config, dataset: ImageDataset, neighbors: np.ndarray,
                    device: torch.device) -> Callable[[int], dict]:
     """A function running the next ``n`` training steps of a stage, through the stage's own
-    step body, ``train_one_epoch`` and data path, on a fresh model. Self-label runs with
-    threshold 0 so every step trains (a real run skips batches with no confident sample)."""
+    step body, the engine's ``train_one_epoch`` and the data path, on a fresh model.
+    Self-label runs with threshold 0 so every step trains (a real run skips batches with no
+    confident sample)."""
     torch.manual_seed(0)
     data = data_path_for(cfg, device, dataset)
     model = build_contrastive_model(cfg) if step == "pretext" else build_cluster_model(cfg, 10, 1)
     sc = getattr(cfg, step)
     forward = prepare_model(model, cfg, device)
-    optimizer = build_optimizer(model.parameters(), sc.optim, cfg.perf.optimizer_impl)
-    scheduler = build_scheduler(optimizer, sc.optim, 10_000)
-    module = STAGE_MODULES[step]
     if step == "pretext":
         augment = data.augment(dataset, {"view1": "simclr", "view2": "simclr"})
-        body = module.contrastive_body(forward, augment, sc.temperature, device, cfg.amp)
+        body = contrastive_body(forward, augment, sc.temperature, device, cfg.amp)
     elif step == "scan":
         augment = data.augment(dataset, {"anchor": "strong", "neighbor": "strong"}, neighbors)
-        body = module.scan_body(forward, augment, sc.entropy_weight, device, cfg.amp)
+        body = scan_body(forward, augment, sc.entropy_weight, device, cfg.amp)
     else:
         augment = data.augment(dataset, {"weak": "eval", "strong": "strong"})
-        body = module.selflabel_body(forward, augment, 0.0, True, device, cfg.amp)
-    train_step = TrainStep(body, model.parameters(), device, cfg.perf.cuda_graphs)
+        body = selflabel_body(forward, augment, 0.0, True, device, cfg.amp)
+    loop = StepLoop(step, cfg, None, model, body, data, augment, len(dataset), device)
+    loop.scheduler = build_scheduler(loop.optimizer, sc.optim, 10_000)
     stream = itertools.chain.from_iterable(_epochs(data, augment, sc.batch_size))
 
     def run(n: int) -> dict:
         """The next ``n`` steps; returns the loop's statistics (mean loss, images/s)."""
-        part = Batches(itertools.islice(stream, n), n)
-        if step == "pretext":
-            return module.train_one_epoch(model, train_step, part, optimizer, scheduler, device,
-                                          False, step)
-        if step == "scan":
-            return module.train_one_epoch(model, train_step, part, optimizer, scheduler, True,
-                                          device, False, step)
-        return module.train_one_epoch(model, train_step, part, optimizer, scheduler, True, None,
-                                      device, False, step)
+        return train_one_epoch(loop, Batches(itertools.islice(stream, n), n), step)
 
-    run.step = train_step  # type: ignore[attr-defined]  # its .mode says eager or cuda_graph
+    run.step = loop.step  # type: ignore[attr-defined]  # its .mode says eager or cuda_graph
     return run
 
 

@@ -36,15 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (DEFAULT_ARCHIVE, cifar10_jpeg, images_per_second,  # noqa: E402
                                machine, training_steps)
-from scanclust.cluster import plan  # noqa: E402
+from scanclust.folder import plan  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.data import build_dataset  # noqa: E402
-from scanclust.data.paths import data_path_for, to_device  # noqa: E402
+from scanclust.data.pipelines import data_path_for, to_device  # noqa: E402
 from scanclust.models import build_backbone  # noqa: E402
-import scanclust.data.paths  # noqa: E402
-import scanclust.training  # noqa: E402
+import scanclust.data.pipelines.device  # noqa: E402
+import scanclust.data.pipelines.jpeg  # noqa: E402
+import scanclust.data.pipelines.workers  # noqa: E402
+import scanclust.engine  # noqa: E402
 from scanclust.runtime import channels_last_fault  # noqa: E402
-from scanclust.training import prepare_model  # noqa: E402
+from scanclust.engine import prepare_model  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -54,8 +56,9 @@ def forced_layout(cfg, device, training: bool) -> bool:
     return cfg.perf.channels_last
 
 
-scanclust.data.paths.channels_last = forced_layout
-scanclust.training.channels_last = forced_layout
+for module in (scanclust.data.pipelines.device, scanclust.data.pipelines.workers,
+               scanclust.data.pipelines.jpeg, scanclust.engine):
+    module.channels_last = forced_layout
 
 
 def recipe(name: str, layout: bool):

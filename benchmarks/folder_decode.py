@@ -37,7 +37,7 @@ from benchmarks.common import DEFAULT_ARCHIVE, machine  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.data import build_dataset  # noqa: E402
 from scanclust.data.datasets import FileDataset  # noqa: E402
-from scanclust.data.paths import DevicePath, WorkerPath  # noqa: E402
+from scanclust.data.pipelines import DevicePath, WorkerPath  # noqa: E402
 
 
 def extract(archive: Path, folder: Path, count: int) -> None:

@@ -25,7 +25,6 @@ GPUs of one node costs a few per cent of a step). Prints a table and one JSON li
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import sys
@@ -37,18 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import images_per_second, machine, sync  # noqa: E402
+from benchmarks.common import StepLoop, images_per_second, machine, sync  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.data.datasets import ArrayDataset  # noqa: E402
-from scanclust.data.paths import Batches, DevicePath  # noqa: E402
-from scanclust.mine import extract_features  # noqa: E402
-from scanclust.runtime import channels_last, resolve_device  # noqa: E402
-from scanclust.step import TrainStep  # noqa: E402
-from scanclust.training import build_optimizer, build_scheduler, prepare_model  # noqa: E402
-
-# the stage modules hold the step bodies and loops (``scanclust.scan`` is the stage function)
-scan_module = importlib.import_module("scanclust.scan")
-selflabel_module = importlib.import_module("scanclust.selflabel")
+from scanclust.data.pipelines import Batches, DevicePath  # noqa: E402
+from scanclust.engine import build_scheduler, prepare_model, train_one_epoch  # noqa: E402
+from scanclust.models import build_cluster_model  # noqa: E402
+from scanclust.runtime import resolve_device  # noqa: E402
+from scanclust.stages.mine import extract_features  # noqa: E402
+from scanclust.stages.scan import scan_body  # noqa: E402
+from scanclust.stages.selflabel import selflabel_body  # noqa: E402
 
 TRAIN, VAL = 1_281_167, 50_000
 
@@ -58,34 +55,27 @@ def step_rate(stage: str, cfg, data: DevicePath, dataset: ArrayDataset, batch: i
     """Images/s of ``stage``'s training step at ``batch`` images per step."""
     sc = getattr(cfg, stage)
     heads = cfg.scan.num_heads if stage == "scan" else 1
-    model = scan_module.build_cluster_model(cfg, 1000, heads)
+    model = build_cluster_model(cfg, 1000, heads)
     if not sc.update_backbone:
-        scan_module.freeze_backbone(model)
+        model.freeze_backbone()
     forward = prepare_model(model, cfg, device, train=True)
-    optimizer = build_optimizer(model.parameters(), sc.optim, cfg.perf.optimizer_impl)
-    scheduler = build_scheduler(optimizer, sc.optim, 10_000)
     if stage == "scan":
         neighbors = np.random.default_rng(0).integers(0, len(dataset), (len(dataset), 20))
         augment = data.augment(dataset, {"anchor": sc.augment, "neighbor": sc.augment},
                                neighbors)
-        body = scan_module.scan_body(forward, augment, sc.entropy_weight, device, cfg.amp)
+        body = scan_body(forward, augment, sc.entropy_weight, device, cfg.amp)
     else:
         augment = data.augment(dataset, {"weak": "eval", "strong": sc.augment})
-        body = selflabel_module.selflabel_body(forward, augment, 0.0, True, device, cfg.amp)
-    step = TrainStep(body, model.parameters(), device, cfg.perf.cuda_graphs)
-    module = scan_module if stage == "scan" else selflabel_module
+        body = selflabel_body(forward, augment, 0.0, True, device, cfg.amp)
+    loop = StepLoop(stage, cfg, None, model, body, data, augment, len(dataset), device)
+    loop.scheduler = build_scheduler(loop.optimizer, sc.optim, 10_000)
+    loop.train_mode = lambda: model.train_mode(sc.update_backbone)  # type: ignore[method-assign]
     epochs = (data.batches(augment, batch, shuffle=True, seed=e, train=True)
               for e in itertools.count())
     stream = itertools.chain.from_iterable(epochs)
 
     def run(n: int) -> None:
-        part = Batches(itertools.islice(stream, n), n)
-        if stage == "scan":
-            module.train_one_epoch(model, step, part, optimizer, scheduler, sc.update_backbone,
-                                   device, False, stage)
-        else:
-            module.train_one_epoch(model, step, part, optimizer, scheduler, sc.update_backbone,
-                                   None, device, False, stage)
+        train_one_epoch(loop, Batches(itertools.islice(stream, n), n), stage)
 
     return images_per_second(run, batch, device, warmup, steps)
 
@@ -117,15 +107,14 @@ def main() -> None:
     data = DevicePath(cfg, device)
 
     rates = {}
-    model = scan_module.build_cluster_model(cfg, 1000, 1)
+    model = build_cluster_model(cfg, 1000, 1)
     prepare_model(model, cfg, device)
     model.eval()
     extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     channels_last(cfg, device, False), False)  # warm-up
+                     False)  # warm-up
     sync(device)
     start = time.perf_counter()
-    extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp,
-                     channels_last(cfg, device, False), False)
+    extract_features(model.backbone, data, dataset, batches["mine"], device, cfg.amp, False)
     sync(device)
     rates["mine"] = n / (time.perf_counter() - start)
     for stage in ("scan", "selflabel"):

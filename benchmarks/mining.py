@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, sync  # noqa: E402
-from scanclust.mine import faiss_available, knn, knn_faiss  # noqa: E402
+from scanclust.knn import faiss_available, knn, knn_faiss  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:

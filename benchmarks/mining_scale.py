@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, sync  # noqa: E402
-from scanclust.mine import faiss_gpus, knn, knn_faiss  # noqa: E402
+from scanclust.knn import faiss_gpus, knn, knn_faiss  # noqa: E402
 
 GB = 1e9
 

@@ -53,7 +53,7 @@ def knn_graph(features: np.ndarray, k: int) -> np.ndarray:
     """``[N, k]`` indices of each row's k most cosine-similar other rows (exact)."""
     import torch
 
-    from scanclust.mine import knn
+    from scanclust.knn import knn
 
     return knn(torch.from_numpy(normalize(features)), k)[0].numpy()
 

@@ -183,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if args.command == "predict":
-        from scanclust.predict import predict_command
+        from scanclust.clusterer import predict_command
 
         return predict_command(args.run, args.inputs, csv_path=args.csv, device=args.device,
                                batch_size=args.batch_size, strict=args.strict)
@@ -198,7 +198,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             distributed.restart_count())
         args.resume, args.force = True, False
     if args.command == "cluster":
-        from scanclust.cluster import cluster
+        from scanclust.folder import cluster
 
         summary = cluster(args.folder, args.out, clusters=args.clusters,
                           backbone=args.backbone, preset=args.preset,
@@ -213,7 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         load_config(Path(args.out) / "config.yaml", overrides)  # config errors before torch
-        from scanclust.report import report
+        from scanclust.results import report
 
         report(None, args.out, overrides=overrides, export=args.export)
         return 0

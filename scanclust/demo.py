@@ -12,7 +12,7 @@ from typing import Any
 
 from scanclust import distributed
 from scanclust.config import ConfigError
-from scanclust.evaluate import format_table
+from scanclust.stages.evaluate import format_table
 from scanclust.pipeline import format_summary, run
 
 DEFAULT_OUT = Path("runs/demo")

@@ -20,25 +20,24 @@ ANNOTATE_MAX = 20  # beyond this many rows or columns the count labels overlap
 TICK_LABELS_MAX = 50
 
 
-def prototype_indices(probs: np.ndarray, embeddings: np.ndarray, top: int = 10) -> dict[int, int]:
-    """Index of each cluster's prototype (the paper's Fig. 9), keyed by cluster; empty clusters absent.
-
-    The prototype is the member closest to the mean embedding of the cluster's ``top`` most
-    confident members: a real image that stands for the cluster's core, not its fringe.
-    """
+def cluster_prototypes(probs: np.ndarray, embeddings: np.ndarray, count: int = 1,
+                       top: int = 10) -> dict[int, list[int]]:
+    """Per non-empty cluster, the ``count`` members closest to the mean embedding of its
+    ``top`` most confident members, closest first (the paper's prototypes, Fig. 9): real
+    images that stand for the cluster's core, not its fringe."""
     probs, embeddings = np.asarray(probs), np.asarray(embeddings)
     if len(probs) != len(embeddings):
         raise ValueError(f"probs and embeddings differ in length: "
                          f"{len(probs)} vs {len(embeddings)}")
-    pred = probs.argmax(axis=1)
-    prototypes: dict[int, int] = {}
+    pred = probs.argmax(1)
+    result: dict[int, list[int]] = {}
     for cluster in np.unique(pred):
         members = np.flatnonzero(pred == cluster)
         confident = members[np.argsort(-probs[members, cluster], kind="stable")[:top]]
         centre = embeddings[confident].mean(axis=0)
         distances = np.linalg.norm(embeddings[members] - centre, axis=1)
-        prototypes[int(cluster)] = int(members[distances.argmin()])
-    return prototypes
+        result[int(cluster)] = members[np.argsort(distances, kind="stable")[:count]].tolist()
+    return result
 
 
 def low_confidence_indices(probs: np.ndarray, n: int) -> np.ndarray:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from scanclust.config import Config, ConfigError, load_config
-from scanclust.evaluate import evaluate
 from scanclust.metrics import mean_std
-from scanclust.mine import mine
-from scanclust.pretext import pretext
 from scanclust.rundir import RunDir, exclusive, read_json, write_json
 from scanclust.runtime import resolve_device
-from scanclust.scan import scan
-from scanclust.selflabel import selflabel
-from scanclust.training import log
+from scanclust.stages.evaluate import evaluate
+from scanclust.stages.mine import mine
+from scanclust.stages.pretext import pretext
+from scanclust.stages.scan import scan
+from scanclust.stages.selflabel import selflabel
+
+log = logging.getLogger("scanclust")
 
 STAGE_FUNCTIONS = {"pretext": pretext, "mine": mine, "scan": scan, "selflabel": selflabel,
                    "evaluate": evaluate}
@@ -54,6 +56,15 @@ def _run_once(config: Config | str | Path | dict | None, out: Path,
     """Every stage, under one lock; each stage's refusal is checked before the first runs, so
     a refused call writes nothing."""
     cfg = load_config(config if config is not None else out / "config.yaml", overrides)
+    run_stages(cfg, out, resume, force)
+    return read_json(out / "metrics.json")
+
+
+def run_stages(cfg: Config, out: Path, resume: bool, force: bool,
+               before_scan: Callable[[Config], Config] | None = None) -> None:
+    """The stage loop of ``run`` and ``cluster``: the run directory locked for all stages, every
+    stage planned (and a refusal raised) before the first one works, then each in order.
+    ``before_scan`` may settle settings that need mining's output (``cluster``'s K)."""
     resolve_device(cfg.device)
     run_dir = RunDir(out)
     run_dir.lock()
@@ -64,11 +75,12 @@ def _run_once(config: Config | str | Path | dict | None, out: Path,
         if status != "done":
             will_run.add(name)
     for name, stage in STAGE_FUNCTIONS.items():
+        if name == "scan" and before_scan is not None:
+            cfg = before_scan(cfg)
         started = time.perf_counter()
         stage(cfg, out, resume=resume, force=force)
         if name in will_run:
             log.info("%s finished in %.1f s", name, time.perf_counter() - started)
-    return read_json(out / "metrics.json")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

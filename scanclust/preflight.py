@@ -10,17 +10,18 @@ from scanclust.config import Config, ConfigError
 from scanclust.data import ImageDataset, build_dataset
 
 
-def num_clusters(cfg: Config, dataset: ImageDataset) -> int:
-    """``model.num_clusters``, else the number of classes; checked against the data size."""
-    count = cfg.model.num_clusters
+def clusters_of(cfg: Config, dataset: ImageDataset) -> int:
+    """``model.num_clusters``, else the number of classes of ``dataset``."""
+    count = cfg.model.num_clusters or dataset.num_classes
     if count is None:
-        if dataset.classes is not None:
-            count = len(dataset.classes)
-        elif dataset.has_labels:
-            count = int(dataset.targets.max()) + 1
-        else:
-            raise ConfigError("config key 'model.num_clusters': the data set has no labels, "
-                              "so the number of clusters must be given")
+        raise ConfigError("config key 'model.num_clusters': the data set has no labels, so the "
+                          "number of clusters must be given")
+    return count
+
+
+def num_clusters(cfg: Config, dataset: ImageDataset) -> int:
+    """``clusters_of`` the train split, checked against its size."""
+    count = clusters_of(cfg, dataset)
     if count > len(dataset):
         raise ConfigError(f"config key 'model.num_clusters': {count} clusters for only "
                           f"{len(dataset)} images")

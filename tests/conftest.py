@@ -96,7 +96,7 @@ CLUSTER_TINY = ["pretext.epochs=3", "scan.epochs=3", "selflabel.epochs=2", "prog
 def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
     """(folder, run directory, readable relative paths) of one ``scanclust cluster`` run with
     --clusters auto and --export symlink on a nested digits folder with odd files."""
-    from scanclust.cluster import cluster
+    from scanclust.folder import cluster
 
     base = tmp_path_factory.mktemp("folder-run")
     folder, out = base / "photos", base / "run"

@@ -11,15 +11,13 @@ collectives wait for all of them.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
 
-from scanclust import cli, distributed
+from scanclust import cli, distributed, engine
 
-stage = importlib.import_module(f"scanclust.{os.environ['KILL_STAGE']}")
-real_train_one_epoch = stage.train_one_epoch
+real_train_one_epoch = engine.train_one_epoch
 epochs_started = 0
 
 
@@ -30,16 +28,18 @@ def dies_at_second_step(batches):
         yield batch
 
 
-def train_one_epoch(model, step, batches, *args, **kwargs):
+def train_one_epoch(loop, batches, desc):
     global epochs_started
+    if loop.stage != os.environ["KILL_STAGE"]:
+        return real_train_one_epoch(loop, batches, desc)
     epochs_started += 1
     if (epochs_started == int(os.environ["KILL_EPOCH"]) and distributed.restart_count() == 0
             and distributed.rank() == int(os.environ["KILL_RANK"])):
         batches = dies_at_second_step(batches)
-    return real_train_one_epoch(model, step, batches, *args, **kwargs)
+    return real_train_one_epoch(loop, batches, desc)
 
 
-stage.train_one_epoch = train_one_epoch
+engine.train_one_epoch = train_one_epoch
 
 if __name__ == "__main__":
     sys.exit(cli.main())

@@ -21,7 +21,6 @@ through the two functions every stage calls to change the run directory (``begin
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import multiprocessing
 import os
@@ -34,7 +33,8 @@ import time
 from pathlib import Path
 
 _SERVER = multiprocessing.get_context("forkserver")
-_SERVER.set_forkserver_preload(["scanclust.cli", "scanclust.figures", "tests.kill_runner"])
+_SERVER.set_forkserver_preload(["scanclust.cli", "scanclust.pipeline", "scanclust.figures",
+                                "tests.kill_runner"])
 
 
 def launch(spec: dict, argv: list[str], limit_bytes: int | None = None,
@@ -95,16 +95,21 @@ class _Hooks:
         self.report: dict[str, dict] = {}
 
     def install(self) -> None:
-        import scanclust.checkpoint
-        import scanclust.figures
+        """Wrap ``begin_stage`` and ``atomic_write`` wherever a stage module holds them."""
+        import scanclust.engine
         import scanclust.rundir
+        import scanclust.stages.evaluate  # noqa: F401 - imports every stage
+        import scanclust.pipeline  # noqa: F401
 
-        for name in ("pretext", "mine", "scan", "selflabel", "evaluate"):
-            module = importlib.import_module(f"scanclust.{name}")
-            module.begin_stage = self.track(module.begin_stage)
+        real_begin = scanclust.engine.begin_stage
         self.real_atomic_write = scanclust.rundir.atomic_write
-        for module in (scanclust.rundir, scanclust.checkpoint, scanclust.figures):
-            module.atomic_write = self.atomic_write
+        tracked = self.track(real_begin)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("scanclust") and module is not None:
+                if getattr(module, "begin_stage", None) is real_begin:
+                    module.begin_stage = tracked
+                if getattr(module, "atomic_write", None) is self.real_atomic_write:
+                    module.atomic_write = self.atomic_write
 
     def die(self) -> None:
         sys.stderr.flush()

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 import scanclust
-from scanclust.cached import FeaturePath, cache_features, feature_store
+from scanclust.data.pipelines import FeaturePath, feature_store
+from scanclust.engine import cache_features
 from scanclust.config import load_config
 from scanclust.data.datasets import ArrayDataset
-from scanclust.data.paths import DevicePath
+from scanclust.data.pipelines import DevicePath
 from scanclust.data.transforms import eval_transform
 from scanclust.models import build_backbone
 from tests.conftest import TINY
@@ -43,14 +44,14 @@ def test_feature_batches_pick_cached_views() -> None:
     feats = (100 * torch.arange(views + 1)[:, None, None] + torch.arange(n)[None, :, None])
     path = FeaturePath(feats.float().expand(-1, -1, 2).contiguous(), torch.zeros(n), CPU)
     neighbors = torch.stack([(torch.arange(n) + 1) % n, (torch.arange(n) + 2) % n], dim=1)
-    pairs = path.augment({"anchor": "strong", "neighbor": "strong"}, neighbors.numpy())
+    pairs = path.augment(None, {"anchor": "strong", "neighbor": "strong"}, neighbors.numpy())
     for item in map(pairs, path.batches(pairs, 5, shuffle=True, seed=0, train=True)):
         anchor_view, anchor_id = item["anchor"][:, 0].div(100).floor(), item["anchor"][:, 0] % 100
         assert torch.equal(anchor_id, item["index"].float())
         assert ((anchor_view >= 1) & (anchor_view <= views)).all()  # never the eval view
         offset = (item["neighbor"][:, 0] % 100 - item["index"]) % n
         assert set(offset.tolist()) <= {1, 2}
-    weak_strong = path.augment({"weak": "eval", "strong": "strong"})
+    weak_strong = path.augment(None, {"weak": "eval", "strong": "strong"})
     for item in map(weak_strong, path.batches(weak_strong, 5, shuffle=True, seed=0, train=True)):
         assert torch.equal(item["weak"][:, 0], item["index"].float())  # view 0, the eval view
         assert (item["strong"][:, 0] >= 100).all()

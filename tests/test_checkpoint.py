@@ -15,7 +15,7 @@ import torch
 import scanclust.checkpoint as checkpoint
 from scanclust.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from scanclust.models import build_backbone
-from scanclust.pretext import load_backbone_weights
+from scanclust.models.saved import load_backbone_weights
 from scanclust.runtime import capture_rng, restore_rng
 
 
@@ -205,7 +205,7 @@ def test_torchvision_resnet18_weights_into_the_cifar_variant(tmp_path: Path) -> 
     from torchvision.models import resnet18
 
     from scanclust.models import build_backbone
-    from scanclust.pretext import load_backbone_weights
+    from scanclust.models.saved import load_backbone_weights
 
     path = tmp_path / "resnet18.pth"
     torch.save(resnet18(weights=None).state_dict(), path)

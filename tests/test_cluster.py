@@ -13,7 +13,7 @@ import pytest
 
 import scanclust
 from scanclust.cli import main
-from scanclust.cluster import cluster, parse_clusters, parse_k_range, plan
+from scanclust.folder import cluster, parse_clusters, parse_k_range, plan
 from scanclust.config import ConfigError, load_config
 from tests.conftest import CLUSTER_TINY, write_digit_folder
 

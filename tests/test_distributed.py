@@ -31,15 +31,16 @@ from scanclust import distributed
 from scanclust.checkpoint import load_checkpoint
 from scanclust.config import ConfigError, load_config
 from scanclust.data.datasets import ArrayDataset
-from scanclust.data.paths import DevicePath, WorkerPath
-from scanclust.mine import extract_features, mine_neighbors
+from scanclust.data.pipelines import DevicePath, WorkerPath
+from scanclust.knn import mine_neighbors
+from scanclust.stages.mine import extract_features
 from scanclust.models import ClusterModel, ContrastiveModel, build_backbone
-from scanclust.pretext import contrastive_body
+from scanclust.stages.pretext import contrastive_body
 from scanclust.runtime import seed_all
-from scanclust.scan import scan_body
-from scanclust.selflabel import selflabel_body
+from scanclust.stages.scan import scan_body
+from scanclust.stages.selflabel import selflabel_body
 from scanclust.step import TrainStep
-from scanclust.training import prepare_model
+from scanclust.engine import prepare_model
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")
@@ -119,7 +120,7 @@ def inference() -> dict[str, Any]:
     ds, cfg = tiny_dataset(), config()
     torch.manual_seed(4)
     encoder = build_backbone("resnet_tiny", 8).eval()
-    feats = extract_features(encoder, DevicePath(cfg, CPU), ds, 4, CPU, False, False, False)
+    feats = extract_features(encoder, DevicePath(cfg, CPU), ds, 4, CPU, False, False)
     out: dict[str, Any] = {"features": feats}
     for backend in ("torch", "faiss"):
         out[backend] = mine_neighbors(feats, 3, backend, 5, CPU)

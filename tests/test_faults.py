@@ -10,7 +10,6 @@ temporary file, lock or stray folder. ``SCANCLUST_FAULT_SEEDS=N`` runs N random 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -24,6 +23,9 @@ import pytest
 import torch
 
 import scanclust
+import scanclust.stages.evaluate as evaluate_module
+import scanclust.stages.mine as mine_module
+from scanclust import engine
 from scanclust.checkpoint import load_checkpoint
 from scanclust.health import NumericalError
 from scanclust.rundir import STAGES
@@ -33,9 +35,6 @@ from tests.kill_runner import launch, start
 FAULT_TINY = TINY + ["pretext.epochs=3", "scan.epochs=3", "selflabel.epochs=3"]
 SEEDS = int(os.environ.get("SCANCLUST_FAULT_SEEDS", "3"))
 
-pretext_module = importlib.import_module("scanclust.pretext")
-mine_module = importlib.import_module("scanclust.mine")
-evaluate_module = importlib.import_module("scanclust.evaluate")
 
 
 def scanclust_cli(*args: str, limit_bytes: int | None = None) -> tuple[int, str]:
@@ -203,18 +202,18 @@ def test_divergent_pretext_stops_and_keeps_the_last_good_checkpoint(tmp_path: Pa
 
 def test_nan_injected_in_epoch_2_keeps_epoch_1(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pretext_module.train_one_epoch
+    real = engine.train_one_epoch
     calls = {"n": 0}
 
-    def poisoned(model, *args, **kwargs):
-        stats = real(model, *args, **kwargs)
+    def poisoned(loop, *args, **kwargs):
+        stats = real(loop, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
+                next(loop.model.parameters()).fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(pretext_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(engine, "train_one_epoch", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NumericalError, match="pretext: model weights became NaN or infinite in "
                                              "epoch 2; .* the checkpoint of epoch 1 is kept"):

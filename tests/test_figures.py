@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from scanclust.figures import (low_confidence_indices, plot_confusion, plot_image_grid,
-                               prototype_indices)
+from scanclust.figures import (cluster_prototypes, low_confidence_indices, plot_confusion,
+                               plot_image_grid)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,8 +30,9 @@ EMBEDDINGS = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0],
     (2, {0: 1, 1: 5}),   # means (1, 0) and (10, 11): nearest are samples 1 and 5
     (10, {0: 1, 1: 5}),  # fewer members than top: all of them, means (1, 0) and (10, 11.07)
 ])
-def test_prototype_indices(top: int, expected: dict[int, int]) -> None:
-    assert prototype_indices(PROBS, EMBEDDINGS, top=top) == expected
+def test_cluster_prototypes(top: int, expected: dict[int, int]) -> None:
+    found = cluster_prototypes(PROBS, EMBEDDINGS, top=top)
+    assert {c: members[0] for c, members in found.items()} == expected
 
 
 def test_low_confidence_indices_lowest_first() -> None:

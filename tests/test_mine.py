@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scanclust.mine import knn, neighbor_purity
+from scanclust.knn import knn
+from scanclust.stages.mine import neighbor_purity
 
 
 def _brute_force(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from scanclust.config import OptimConfig, load_config
-from scanclust.mine import knn, knn_faiss, mine_neighbors
+from scanclust.knn import knn, knn_faiss, mine_neighbors
 from scanclust.models import ClusterModel, build_backbone
-from scanclust.training import build_optimizer, prepare_model
+from scanclust.engine import build_optimizer, prepare_model
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import shutil
@@ -17,6 +16,10 @@ import pytest
 import torch
 
 import scanclust
+import scanclust.stages.pretext as pretext_module
+import scanclust.stages.scan as scan_module
+import scanclust.stages.selflabel as selflabel_module
+from scanclust import engine
 from scanclust.checkpoint import CheckpointError, load_checkpoint
 from scanclust.config import ConfigError, load_config
 from scanclust.data import build_dataset
@@ -26,9 +29,6 @@ from tests.conftest import TINY
 from tests.kill_runner import launch
 
 # ``scanclust.scan`` is the stage function; the modules hold the training loops to interrupt.
-pretext_module = importlib.import_module("scanclust.pretext")
-scan_module = importlib.import_module("scanclust.scan")
-selflabel_module = importlib.import_module("scanclust.selflabel")
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -148,8 +148,8 @@ class Killed(Exception):
     """Stands in for SIGKILL: the stage stops between epochs, after a checkpoint."""
 
 
-def kill_at_epoch(monkeypatch: pytest.MonkeyPatch, module, epoch: int) -> None:
-    real = module.train_one_epoch
+def kill_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    real = engine.train_one_epoch
     calls = {"n": 0}
 
     def wrapped(*args, **kwargs):
@@ -158,7 +158,7 @@ def kill_at_epoch(monkeypatch: pytest.MonkeyPatch, module, epoch: int) -> None:
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "train_one_epoch", wrapped)
+    monkeypatch.setattr(engine, "train_one_epoch", wrapped)
 
 
 def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
@@ -173,7 +173,7 @@ def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
                           (scan_module, scanclust.scan), (selflabel_module, scanclust.selflabel)):
         if module is not None:
             with monkeypatch.context() as m:
-                kill_at_epoch(m, module, 2)
+                kill_at_epoch(m, 2)
                 with pytest.raises(Killed):
                     stage("demo", resumed, overrides=ov)
             assert load_checkpoint(resumed / module.STAGE / "checkpoint.pt")["epoch"] == 1
@@ -383,7 +383,7 @@ def test_more_epochs_continue_an_unfinished_stage(tmp_path: Path, monkeypatch: p
                                                   caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        kill_at_epoch(m, pretext_module, 2)
+        kill_at_epoch(m, 2)
         with pytest.raises(Killed):
             scanclust.pretext("demo", out, overrides=TINY)
     with caplog.at_level(logging.WARNING, logger="scanclust"):

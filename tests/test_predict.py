@@ -13,7 +13,7 @@ from PIL import Image
 import scanclust
 from scanclust.cli import main
 from scanclust.data import images as I
-from scanclust.predict import PredictError
+from scanclust.clusterer import PredictError
 
 
 def test_inputs_accepted_and_consistent(folder_run: tuple[Path, Path, list[str]]) -> None:

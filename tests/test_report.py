@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scanclust.report import MAX_THUMBNAILS, cluster_prototypes
+from scanclust.figures import cluster_prototypes
+from scanclust.results import MAX_THUMBNAILS
 from tests.conftest import XSS_NAME
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -87,7 +88,7 @@ def test_header_says_when_self_label_kept_the_scan_weights(
     the page then names the model by what it is, SCAN's."""
     import json
 
-    from scanclust.report import report
+    from scanclust.results import report
 
     run = tmp_path / "run"
     shutil.copytree(folder_run[1], run, symlinks=True)

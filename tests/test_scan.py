@@ -13,11 +13,12 @@ import torch
 from scanclust.checkpoint import FORMAT_VERSION, save_checkpoint
 from scanclust.config import ScanConfig, load_config
 from scanclust.data.datasets import ArrayDataset
-from scanclust.data.paths import DevicePath, draw_partners
+from scanclust.data.pipelines import DevicePath, draw_partners
 from scanclust.losses import scan_loss
 from scanclust.models import ClusterModel, build_backbone
 from scanclust.rundir import RunDir
-from scanclust.scan import load_scan_model, partner_table, scan_body, selection_loss, with_self
+from scanclust.models.saved import load_cluster_model
+from scanclust.stages.scan import partner_table, scan_body, selection_loss, with_self
 from scanclust.step import TrainStep
 
 CPU = torch.device("cpu")
@@ -108,7 +109,7 @@ def test_a_version_1_stl_run_still_loads(tmp_path: Path) -> None:
     payload = torch.load(run.checkpoint("scan"), weights_only=True)
     payload["format_version"] = 1
     torch.save(payload, run.checkpoint("scan"))
-    loaded, state = load_scan_model(run)
+    loaded, state = load_cluster_model(run, "scan")
     assert loaded.backbone.conv1.kernel_size == (7, 7)
     assert state["config"]["model"]["backbone"] == "resnet18"
     assert state["config"]["scan"]["partner"] == "neighbors"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scanclust.config import OptimConfig
-from scanclust.training import build_scheduler
+from scanclust.engine import build_scheduler
 
 
 def _lrs(cfg: OptimConfig, total_steps: int) -> list[float]:

@@ -55,6 +55,13 @@ class ImageDataset(Dataset):
     def has_labels(self) -> bool:
         return bool((self.targets >= 0).any())
 
+    @property
+    def num_classes(self) -> int | None:
+        """The named classes, else one more than the largest label; None without labels."""
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.targets.max()) + 1 if self.has_labels else None
+
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
 
@@ -213,10 +220,6 @@ def _decode_all(paths: tuple[Path, ...], size: int | None, name: str,
     return out
 
 
-def num_classes(ds: ImageDataset) -> int | None:
-    return None if ds.classes is None else len(ds.classes)
-
-
 def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     """The ``split`` ("train", "val" or "pretext") of the data set that ``cfg`` names.
 
@@ -226,11 +229,16 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     if split not in SPLITS:
         raise DatasetError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     dataset = _build(cfg, split)
-    if cfg.max_images is not None and len(dataset) > cfg.max_images:
-        # evenly spaced rather than the first N: sorted sources (folders) keep every class
-        keep = np.linspace(0, len(dataset) - 1, cfg.max_images).round().astype(np.int64)
-        dataset = dataset.subset(keep)
-    return dataset
+    keep = even_subset(len(dataset), cfg.max_images)
+    return dataset if keep is None else dataset.subset(keep)
+
+
+def even_subset(n: int, limit: int | None) -> np.ndarray | None:
+    """``data.max_images``: indices of ``limit`` of ``n`` samples, evenly spaced rather than
+    the first ones (sorted sources such as folders keep every class); None to keep all."""
+    if limit is None or n <= limit:
+        return None
+    return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
 def _build(cfg: DataConfig, split: str) -> ImageDataset:
@@ -427,9 +435,8 @@ def _folder(cfg: DataConfig, split: str) -> FolderDataset:
             "data.val_root"
     paths = listing.paths
     targets = np.array(labels, dtype=np.int64)
-    if cfg.max_images is not None and len(paths) > cfg.max_images:
-        # before decoding, so a smoke test on a large folder decodes only what it uses
-        keep = np.linspace(0, len(paths) - 1, cfg.max_images).round().astype(np.int64)
+    keep = even_subset(len(paths), cfg.max_images)
+    if keep is not None:  # before decoding: a smoke test decodes only what it uses
         paths, targets = [paths[i] for i in keep], targets[keep]
     size = cfg.resize or cfg.image_size
     images, failures = decoded_images(paths, size, cfg.cache_dir, desc=f"decoding {key}")

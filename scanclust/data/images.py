@@ -147,6 +147,19 @@ def list_images(root: str | Path) -> Listing:
     return listing
 
 
+def median_side(paths: list[Path], sample: int = 200) -> int | None:
+    """The median shorter side of up to ``sample`` evenly spaced files, read from their
+    headers only (no decoding); None when none can be read."""
+    sides = []
+    for path in paths[::max(1, len(paths) // sample)][:sample]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def _identity(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 

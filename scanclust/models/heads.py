@@ -47,6 +47,18 @@ class ClusterModel(nn.Module):
         logits = self.heads(features)
         return logits.view(len(features), self.num_heads, self.num_clusters).transpose(0, 1)
 
+    def freeze_backbone(self) -> None:
+        """Fix the backbone's weights and batch-norm statistics (the paper's ImageNet setting)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+
+    def train_mode(self, update_backbone: bool) -> None:
+        """Training mode, with a frozen backbone's batch norm kept in eval mode."""
+        self.train()
+        if not update_backbone:
+            self.backbone.eval()
+
     def keep_head(self, index: int) -> None:
         """Drop all heads but ``index`` (self-label continues from the best SCAN head)."""
         rows = slice(index * self.num_clusters, (index + 1) * self.num_clusters)

@@ -32,12 +32,6 @@ class PretrainedError(UserError, ValueError):
     """A library model that does not exist, or weights that cannot be had; says what to do."""
 
 
-def is_library_name(name: str) -> bool:
-    """Whether ``name`` is resolved by a model library rather than ``build_backbone``'s own list."""
-    return name.startswith(TIMM_PREFIX) or name not in ("resnet18_cifar", "resnet18_stl",
-                                                         "resnet_tiny")
-
-
 def library_name_problem(name: str) -> str | None:
     """Why ``name`` is not a torchvision classification model or an installed timm model, with
     the closest name; None when it is one."""
@@ -259,3 +253,4 @@ def _timm() -> Any:
         raise PretrainedError("timm: backbones need the timm package: "
                               "pip install 'scanclust[timm]'") from None
     return timm
+

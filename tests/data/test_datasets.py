@@ -13,7 +13,7 @@ from PIL import Image
 
 from scanclust.config import DataConfig
 from scanclust.data.datasets import (UNLABELED, ArrayDataset, DatasetError, FolderDataset,
-                                     build_dataset, cifar100_coarse_labels, num_classes)
+                                     build_dataset, cifar100_coarse_labels)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
@@ -33,7 +33,7 @@ def _write_images(folder: Path, names: list[str], size: tuple[int, int] = (8, 6)
 def test_class_folder_of_real_images(cifar_jpeg: Path) -> None:
     ds = build_dataset(_cfg(dataset="folder", root=str(cifar_jpeg / "train")), "train")
     assert isinstance(ds, FolderDataset)
-    assert len(ds) == 300 and ds.classes == CIFAR10_CLASSES and num_classes(ds) == 10
+    assert len(ds) == 300 and ds.classes == CIFAR10_CLASSES and ds.num_classes == 10
     assert ds.has_labels and np.bincount(ds.targets).tolist() == [30] * 10
     image, index, label = ds[45]
     assert index == 45 and label == 1 and isinstance(label, int)
@@ -103,7 +103,7 @@ def test_flat_folder_is_unlabeled(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     ds = build_dataset(_cfg(dataset="folder", root=str(tmp_path)), "train")
     assert [p.name for p in ds.paths] == ["a.jpg", "b.PNG", "c.webp"]
-    assert not ds.has_labels and ds.classes is None and num_classes(ds) is None
+    assert not ds.has_labels and ds.classes is None and ds.num_classes is None
     assert ds.targets.tolist() == [UNLABELED] * 3 and ds[1][2] == -1
 
 

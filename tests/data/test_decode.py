@@ -14,8 +14,8 @@ import scanclust
 from scanclust.config import ConfigError, load_config
 from scanclust.data import build_dataset
 from scanclust.data.datasets import FileDataset
-from scanclust.data.decode import DecodePath
-from scanclust.data.paths import DevicePath, data_path_for
+from scanclust.data.pipelines import DecodePath
+from scanclust.data.pipelines import DevicePath, data_path_for
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import torch
 
 from scanclust.config import load_config
 from scanclust.data.datasets import ArrayDataset
-from scanclust.data.paths import DevicePath, WorkerPath, data_path_for, fits_on_device, num_batches
+from scanclust.data.pipelines import DevicePath, WorkerPath, data_path_for, fits_on_device, num_batches
 
 CPU = torch.device("cpu")
 

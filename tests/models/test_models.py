@@ -10,7 +10,7 @@ from torch import nn
 
 from scanclust.checkpoint import CheckpointError
 from scanclust.models import ClusterModel, ContrastiveModel, backbone_state, build_backbone
-from scanclust.pretext import load_backbone_weights
+from scanclust.models.saved import load_backbone_weights
 
 
 def test_resnet18_cifar_stem_and_shape() -> None:

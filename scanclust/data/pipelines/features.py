@@ -5,49 +5,17 @@ SCAN or self-label step spends nearly all its time recomputing the same backbone
 Here the eval view and ``M`` augmented views of every image go through the backbone once;
 training then draws, per sample and step, one of the M augmented views' features. A 100-epoch
 SCAN run on ImageNet becomes M + 1 inference passes plus seconds of linear-head training.
+``engine.cache_features`` computes them; this path serves them like images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
-from scanclust import distributed
 from scanclust.data.datasets import ImageDataset
-from scanclust.data.paths import (PARTNER, Augment, Batch, Batches, DataPath, draw_partners,
-                                  index_batches, to_device)
-from scanclust.runtime import autocast, derive_seed
-from scanclust.training import progress
-
-
-@torch.no_grad()
-def cache_features(backbone: nn.Module, data: DataPath, dataset: ImageDataset,
-                   kind: str, views: int, batch_size: int, device: torch.device, amp: bool,
-                   seed: int, store: tuple[torch.device, torch.dtype],
-                   show: bool) -> torch.Tensor:
-    """Backbone features ``[1 + views, N, D]``: index 0 is the eval view, 1.. are ``kind`` views,
-    kept on ``store`` = (device, dtype) as chosen by ``feature_store``. Under torchrun each
-    process computes its shard and every process keeps the whole cache (a training batch may
-    hold any sample)."""
-    backbone.eval()
-    out: torch.Tensor | None = None
-    for v in range(views + 1):
-        batches = data.views(dataset, {"image": "eval" if v == 0 else kind}, batch_size,
-                             shuffle=False, seed=derive_seed(seed, "cache", v), train=False,
-                             shard=True)
-        chunks = []
-        for batch in progress(batches, show, f"features view {v}/{views}"):
-            images = to_device(batch, device)["image"]
-            with autocast(device, amp):
-                chunks.append(backbone(images).to(*store))
-        features = distributed.gather_rows(torch.cat(chunks), len(dataset))
-        if out is None:
-            out = torch.empty(views + 1, *features.shape, dtype=store[1], device=store[0])
-        out[v] = features
-    assert out is not None
-    return out
-
+from scanclust.data.pipelines.base import (PARTNER, Augment, Batch, Batches, draw_partners,
+                                           index_batches)
 
 class FeatureAugment(Augment):
     """Views of cached features: ``eval`` is view 0, any other kind one of the M augmented
@@ -86,7 +54,8 @@ class FeatureAugment(Augment):
 
 
 class FeaturePath:
-    """Cached features ``[1 + M, N, D]`` served like an image data path (``paths.py``)."""
+    """Cached features ``[1 + M, N, D]`` served like an image data path: ``augment`` and
+    ``batches`` as there (the data set only names what the features are of)."""
 
     name = "cached"
 
@@ -96,8 +65,9 @@ class FeaturePath:
         self.targets = targets
         self.device = device
 
-    def augment(self, views: dict[str, str], neighbors: np.ndarray | None = None,
-                generator: torch.Generator | None = None) -> FeatureAugment:
+    def augment(self, dataset: ImageDataset, views: dict[str, str],
+                neighbors: np.ndarray | None = None, generator: torch.Generator | None = None,
+                training: bool = True) -> FeatureAugment:
         return FeatureAugment(self, views, neighbors, generator)
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
@@ -118,3 +88,4 @@ def feature_store(limit_gb: float, views: int, n: int, dim: int,
     if device.type != "cpu":
         return (device if half <= limit_gb * 1e9 else torch.device("cpu")), torch.float16
     return torch.device("cpu"), torch.float32 if 2 * half <= limit_gb * 1e9 else torch.float16
+

@@ -33,9 +33,9 @@ import numpy as np
 
 from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
-from scanclust.data.images import ImageReadError, list_images
+from scanclust.data.images import ImageReadError, list_images, median_side
 from scanclust.errors import UserError
-from scanclust.rundir import STAGE_DIRS, RunDir, exclusive
+from scanclust.rundir import STAGE_DIRS, RunDir, exclusive, read_json, write_json
 
 log = logging.getLogger("scanclust")
 
@@ -59,19 +59,8 @@ CACHED_VIEWS = {"cpu": 2, "gpu": 10, "quick": 1}
 
 def inspect_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
     """(number of images, median shorter side of up to ``sample`` of them, from headers)."""
-    from PIL import Image
-
-    listing = list_images(folder)
-    paths = listing.paths
-    step = max(1, len(paths) // sample)
-    sides = []
-    for path in paths[::step][:sample]:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-    return len(paths), int(np.median(sides)) if sides else 0
+    paths = list_images(folder).paths
+    return len(paths), median_side(paths, sample) or 0
 
 
 def _epochs(samples: int, images: int, bounds: tuple[int, int], quick: bool) -> int:
@@ -249,7 +238,7 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
             force: bool = False) -> dict[str, Any]:
     """Cluster the images of ``folder`` into ``out``; returns the report summary."""
     from scanclust.choose_k import CRITERIA
-    from scanclust.report import EXPORT_MODES
+    from scanclust.results import EXPORT_MODES
 
     started = time.perf_counter()
     if distributed.launched():
@@ -321,23 +310,25 @@ def _cluster_into(cfg: Config, folder: Path, out: Path, preset: str, side: int,
 def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[int],
                 criterion: str, export: str | None, resume: bool, force: bool,
                 started: float) -> dict[str, Any]:
-    """The stages of ``scanclust run``, K chosen between mine and SCAN when asked, then the
-    report."""
-    from scanclust.pipeline import STAGE_FUNCTIONS
-    from scanclust.report import report
+    """The stages through ``scanclust run``'s loop (``pipeline.run_stages``), K chosen
+    between mine and SCAN when asked, then the report."""
+    from scanclust.pipeline import run_stages
+    from scanclust.results import report
 
-    auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)
-    if auto:
-        # Until mining has run, the largest K to be tried stands in for the number of clusters,
-        # so the checks made before pretext trains (enough images for K) hold for every choice.
-        cfg = load_config(cfg, {"model.num_clusters": ks[-1]})
-    for name, stage in STAGE_FUNCTIONS.items():
-        if name == "scan" and auto:
-            cfg = load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,
-                                                                          criterion, force)})
-        t = time.perf_counter()
-        stage(cfg, out, resume=resume, force=force)
-        log.info("%s finished in %.1f s", name, time.perf_counter() - t)
+    choose = None
+    if ks:
+        saved = chosen_earlier(out, ks, criterion) if not force else None
+        if saved is not None:
+            cfg = load_config(cfg, {"model.num_clusters": saved})
+        else:
+            # Until mining has run, the largest K to be tried stands in for the number of
+            # clusters, so the checks made before pretext trains hold for every choice.
+            cfg = load_config(cfg, {"model.num_clusters": ks[-1]})
+
+            def choose(cfg: Config) -> Config:
+                return load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,
+                                                                               criterion)})
+    run_stages(cfg, out, resume, force, before_scan=choose)
     summary = report(cfg, out, export=export)
     summary["total_seconds"] = time.perf_counter() - started
     log.info("cluster: done in %.1f s; open %s", summary["total_seconds"],
@@ -345,21 +336,26 @@ def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[
     return summary
 
 
-def choose_clusters(cfg: Config, out: Path, ks: list[int], criterion: str, force: bool) -> int:
-    """K from the mined train features; kept in ``choose_k.json`` so a resumed run keeps it."""
-    from scanclust.choose_k import plot_curve, score_partitions
-    from scanclust.rundir import RunDir, read_json, write_json
-
-    run = RunDir(out)
-    record = run.root / "choose_k.json"
-    if record.is_file() and not force:
+def chosen_earlier(out: Path, ks: list[int], criterion: str) -> int | None:
+    """The K an earlier call chose over the same range with the same criterion, if any: a
+    resumed run keeps it."""
+    record = RunDir(out).root / "choose_k.json"
+    if record.is_file():
         saved = read_json(record)
         if saved.get("ks") == ks and saved.get("criterion") == criterion:
             log.info("cluster: K = %d (chosen earlier, %s)", saved["k"], record)
             return int(saved["k"])
+    return None
+
+
+def choose_clusters(cfg: Config, out: Path, ks: list[int], criterion: str) -> int:
+    """K from the mined train features, recorded in ``choose_k.json`` with its curve."""
+    from scanclust.choose_k import plot_curve, score_partitions
+
+    run = RunDir(out)
     t = time.perf_counter()
     choice = score_partitions(np.load(run.features("train")), ks, criterion, seed=cfg.seed)
-    write_json(record, choice.to_dict())
+    write_json(run.root / "choose_k.json", choice.to_dict())
     plot_curve(choice, run.root / "choose_k.png")
     log.info("cluster: K = %d by %s over K = %d..%d (%.1f s; curve in %s)", choice.k,
              criterion, ks[0], ks[-1], time.perf_counter() - t, run.root / "choose_k.png")

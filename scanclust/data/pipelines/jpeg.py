@@ -27,10 +27,10 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from scanclust.config import ConfigError
 from scanclust.data.datasets import FileDataset, ImageDataset
-from scanclust.data.paths import (PARTNER, Augment, Batch, Batches, DevicePath, layout,
-                                  worker_loader)
+from scanclust.data.pipelines.base import PARTNER, Augment, Batch, Batches, layout
+from scanclust.data.pipelines.device import DevicePath
+from scanclust.data.pipelines.workers import worker_loader
 from scanclust.runtime import channels_last
-
 
 def encoded_file(path: Path) -> torch.Tensor:
     """A file's bytes as a uint8 tensor in ordinary memory (``torchvision.io.read_file`` maps the
@@ -140,3 +140,4 @@ class DecodePath(DevicePath):
         return torch.stack([image if image.shape[1:] == (size, size) else
                             TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
                             for image in images])
+

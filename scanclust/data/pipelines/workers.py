@@ -1,21 +1,92 @@
-"""The worker data path: per-sample transforms in DataLoader workers, batches as dicts.
+"""The worker path: per-sample torchvision transforms of PIL images in DataLoader workers.
 
 A batch is a dict of tensors: the named views (``view1``/``view2`` for the pretext,
 ``anchor``/``neighbor`` for SCAN, ``weak``/``strong`` for self-label, ``image`` for features),
-plus ``index`` and ``label`` (and ``neighbor_index`` for pairs); the device path's views have
-the same names and meaning (``paths.py``).
+plus ``index`` and ``label`` (and ``neighbor_index`` for pairs); the other paths' views have
+the same names and meaning.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from scanclust import distributed
+from scanclust.config import Config
 from scanclust.data.datasets import ImageDataset
+from scanclust.data.pipelines.base import (PARTNER, Augment, Batch, Batches, DataPath, num_batches,
+                                           to_device)
+from scanclust.data.transforms import view_transform
+from scanclust.runtime import channels_last
+
+
+class ToDevice(Augment):
+    """The worker path's ``augment``: its views are made in the workers (``ViewsDataset``), so
+    here they only reach the device, in the layout the model takes."""
+
+    def __init__(self, dataset: ImageDataset, views: dict[str, str],
+                 neighbors: np.ndarray | None, device: torch.device, channels_last: bool) -> None:
+        self.dataset, self.views, self.neighbors = dataset, views, neighbors
+        self.device, self.channels_last = device, channels_last
+        self.loaders: dict[tuple, DataLoader] = {}  # kept for their persistent workers
+
+    def __call__(self, batch: Batch) -> Batch:
+        return to_device(batch, self.device, self.channels_last)
+
+
+class WorkerPath(DataPath):
+    """Per-sample transforms of PIL images in DataLoader workers."""
+
+    name = "workers"
+
+    def augment(self, dataset: ImageDataset, views: dict[str, str],
+                neighbors: np.ndarray | None = None,
+                generator: torch.Generator | None = None,
+                training: bool = True) -> ToDevice:
+        return ToDevice(dataset, views, neighbors, self.device,
+                        channels_last(self.cfg, self.device, training))
+
+    def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
+                train: bool, shard: bool = False) -> Batches:
+        """Training batches come from a ``DistributedSampler`` (one process: all samples) in
+        this process's share of the global batch size; inference batches of ``shard`` cover
+        this process's ``shard_indices``."""
+        assert isinstance(augment, ToDevice)
+        key = (batch_size, shuffle, train, shard)
+        if key not in augment.loaders:
+            augment.loaders[key] = self._loader(augment, batch_size, shuffle, train, shard)
+        loader = augment.loaders[key]
+        loader.sampler.set_seed(seed)
+        return Batches(iter(loader), len(loader))
+
+    def _loader(self, augment: ToDevice, batch_size: int, shuffle: bool, train: bool,
+                shard: bool) -> DataLoader:
+        transforms = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
+        ds = ViewsDataset(augment.dataset, transforms, augment.neighbors, partner=PARTNER)
+        return worker_loader(ds, self.cfg, self.device, batch_size, shuffle=shuffle, train=train,
+                             shard=shard)
+
+
+def worker_loader(ds: Dataset, cfg: Config, device: torch.device, batch_size: int, *,
+                  shuffle: bool, train: bool, shard: bool,
+                  collate: Callable | None = None) -> DataLoader:
+    """A persistent DataLoader over ``ds`` whose items are asked for as ``(index, seed)``: for
+    training a ``DistributedSampler`` (one process: all samples) with this process's share of
+    the global batch size, for inference with ``shard`` this process's ``shard_indices``."""
+    batch_size, _ = num_batches(len(ds), batch_size, train)
+    if shard and not train:
+        indices = distributed.shard_indices(len(ds)).tolist()
+    else:
+        # Training: every process gets len(ds) // W samples of the epoch's permutation, and
+        # its k-th batch of batch_size / W holds its share of the k-th global batch.
+        replicas, rank = (distributed.world_size(), distributed.rank()) if train else (1, 0)
+        indices = DistributedSampler(ds, replicas, rank, shuffle=shuffle, drop_last=train)
+        batch_size //= replicas
+    return make_loader(ds, batch_size, SeededSampler(indices), num_workers=cfg.data.num_workers,
+                       pin_memory=device.type == "cuda", drop_last=train, collate=collate)
 
 
 class ViewsDataset(Dataset):
@@ -103,12 +174,4 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: SeededSampler, *, nu
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate,
                       persistent_workers=num_workers > 0)
-
-
-def num_batches(n: int, batch_size: int, train: bool) -> tuple[int, int]:
-    """(batch size, batch count) with the same rule on both paths: training drops the last
-    partial batch unless the data set is smaller than one batch."""
-    batch_size = min(batch_size, n)
-    drop_last = train and n > batch_size
-    return batch_size, (n // batch_size if drop_last else math.ceil(n / batch_size))
 

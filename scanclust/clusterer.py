@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scanclust.checkpoint import CheckpointError
 from scanclust.config import Config, load_config
 from scanclust.data import batch_augment as B
 from scanclust.data.images import (ImageReadError, decode_square, escape_name, iter_decoded,
@@ -29,8 +28,8 @@ from scanclust.errors import UserError
 from scanclust.models import ClusterModel
 from scanclust.rundir import RunDir, atomic_write
 from scanclust.runtime import autocast, resolve_device
-from scanclust.scan import load_scan_model
-from scanclust.selflabel import load_selflabel_model
+from scanclust.checkpoint import CheckpointError
+from scanclust.models.saved import CLUSTER_STAGES, final_stage, load_cluster_model
 
 log = logging.getLogger("scanclust")
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -143,10 +142,10 @@ def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") ->
     """The run's final model: self-label if it finished, else SCAN (or the named ``stage``)."""
     run = RunDir(run_dir)
     if stage is None:
-        stage = "selflabel" if run.is_done("selflabel") else "scan"
-    if stage not in ("scan", "selflabel") or not run.is_done(stage):
+        stage = final_stage(run)
+    if stage not in CLUSTER_STAGES or not run.is_done(stage):
         raise CheckpointError(f"{run.root} has no finished {stage} stage to load")
-    model, state = (load_selflabel_model if stage == "selflabel" else load_scan_model)(run)
+    model, state = load_cluster_model(run, stage)
     cfg = load_config(state["config"], {"device": device})
     torch_device = resolve_device(cfg.device)
     return Clusterer(model.to(torch_device).eval(), cfg, torch_device, stage)

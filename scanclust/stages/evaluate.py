@@ -17,19 +17,20 @@ from PIL import Image
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from scanclust import distributed
-from scanclust.config import Config, ConfigError
+from scanclust.config import Config
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.images import escape_name
-from scanclust.data.paths import data_path_for
-from scanclust.figures import low_confidence_indices, plot_confusion, plot_image_grid, prototype_indices
+from scanclust.data.pipelines import data_path_for
+from scanclust.engine import begin_stage, log, predict_logits, prepare_model
+from scanclust.figures import (cluster_prototypes, low_confidence_indices, plot_confusion,
+                               plot_image_grid)
 from scanclust.health import check_finite_array, collapse_warning
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
 from scanclust.rundir import STAGES, RunDir, exclusive, write_json
-from scanclust.runtime import channels_last, resolve_device
-from scanclust.scan import load_scan_model, predict_logits
-from scanclust.selflabel import load_selflabel_model
-from scanclust.training import log, prepare_model, begin_stage
+from scanclust.models.saved import CLUSTER_STAGES, load_cluster_model
+from scanclust.preflight import clusters_of
+from scanclust.runtime import resolve_device
 
 STAGE = "evaluate"
 MINIBATCH_KMEANS_ABOVE = 200_000  # full k-means on ImageNet-size features takes hours
@@ -54,8 +55,8 @@ def evaluate_model(model: ClusterModel, dataset: ImageDataset, cfg: Config, devi
     """Metrics of one cluster model on a split; also returns its probabilities and embeddings."""
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
-                                   cfg.evaluate.batch_size, device, cfg.amp,
-                                   channels_last(cfg, device, False), cfg.progress, "evaluate")
+                                   cfg.evaluate.batch_size, device, cfg.amp, cfg.progress,
+                                   "evaluate")
     probs = torch.softmax(logits[0], dim=1).numpy()
     check_finite_array(probs, "the predictions", name, cfg)
     pred = probs.argmax(1)
@@ -71,8 +72,8 @@ def label_metrics(pred: np.ndarray, dataset: ImageDataset, num_clusters: int,
     if not labelled.any():
         sizes = np.bincount(pred, minlength=num_clusters)
         return {"num_samples": int(len(pred)), "cluster_sizes": sizes.tolist()}
-    num_classes = len(dataset.classes) if dataset.classes else int(dataset.targets.max()) + 1
-    return cluster_metrics(pred[labelled], dataset.targets[labelled], num_clusters, num_classes,
+    return cluster_metrics(pred[labelled], dataset.targets[labelled], num_clusters,
+                           dataset.num_classes,
                            probs[labelled] if probs is not None else None)
 
 
@@ -83,7 +84,7 @@ def write_figures(name: str, metrics: dict[str, Any], probs: np.ndarray, feats: 
     confidence = probs.max(1)
     labelled = dataset.targets >= 0
     if "mapping" in metrics and labelled.any():
-        classes = len(dataset.classes) if dataset.classes else int(dataset.targets.max()) + 1
+        classes = dataset.num_classes
         mapped = np.asarray(metrics["mapping"])[pred[labelled]]
         matrix = np.zeros((classes, classes), dtype=np.int64)
         valid = mapped >= 0
@@ -92,7 +93,7 @@ def write_figures(name: str, metrics: dict[str, Any], probs: np.ndarray, feats: 
         names = [escape_name(c) for c in dataset.classes] if dataset.classes else None
         plot_confusion(matrix, folder / f"{name}_confusion.png", names,
                        f"{name}: ACC {metrics['acc']:.3f}")
-    prototypes = prototype_indices(probs, feats)
+    prototypes = {c: members[0] for c, members in cluster_prototypes(probs, feats).items()}
     plot_image_grid(_thumbnails(dataset, list(prototypes.values())),
                     [f"cluster {c}" for c in prototypes], folder / f"{name}_prototypes.png",
                     f"{name}: prototype of each cluster")
@@ -132,10 +133,9 @@ def evaluate(config: Config | str | Path | dict | None = None, out: str | Path =
     # Predicting is the part every process shares (each its shard of the val split); k-means,
     # figures and the report are the main process's alone.
     evaluated = {}
-    loaders = {"scan": load_scan_model, "selflabel": load_selflabel_model}
-    for name, load in loaders.items():
+    for name in CLUSTER_STAGES:
         if run.is_done(name):
-            model, _ = load(run)
+            model, _ = load_cluster_model(run, name)
             evaluated[name] = evaluate_model(model, val_set, cfg, device, num_clusters, name)
     return distributed.on_main(lambda: _report(cfg, run, val_set, num_clusters, evaluated, start))
 
@@ -174,14 +174,8 @@ def _report(cfg: Config, run: RunDir, val_set: ImageDataset, num_clusters: int,
 
 
 def _num_clusters(run: RunDir, cfg: Config, dataset: ImageDataset) -> int:
-    if run.is_done("scan"):
-        return int(run.summary("scan")["num_clusters"])
-    if cfg.model.num_clusters is not None:
-        return cfg.model.num_clusters
-    if dataset.classes is None:
-        raise ConfigError("config key 'model.num_clusters': the data set has no labels, so "
-                          "the number of clusters must be given")
-    return len(dataset.classes)
+    return int(run.summary("scan")["num_clusters"]) if run.is_done("scan") \
+        else clusters_of(cfg, dataset)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

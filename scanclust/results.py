@@ -29,9 +29,19 @@ from typing import Any
 
 import numpy as np
 
+import torch
+
+from scanclust.clusterer import load
 from scanclust.config import Config
-from scanclust.data.images import escape_name
+from scanclust.data import build_dataset
+from scanclust.data.cache import decoded_images
+from scanclust.data.datasets import FolderDataset
+from scanclust.data.images import escape_name, median_side
+from scanclust.data.pipelines import data_path_for
+from scanclust.engine import begin_stage, log, predict_logits, prepare_model
 from scanclust.errors import UserError
+from scanclust.figures import cluster_prototypes
+from scanclust.models.saved import final_stage
 from scanclust.rundir import RunDir, atomic_write, read_json, write_json
 
 STAGE = "report"
@@ -46,21 +56,6 @@ class ReportError(UserError, ValueError):
     """A report that cannot be made from this run (not a folder run, no model)."""
 
 
-def cluster_prototypes(probs: np.ndarray, embeddings: np.ndarray, count: int = PROTOTYPES,
-                       top: int = 10) -> dict[int, list[int]]:
-    """Per non-empty cluster, the ``count`` members closest to the mean embedding of its
-    ``top`` most confident members, closest first."""
-    pred = probs.argmax(1)
-    result: dict[int, list[int]] = {}
-    for cluster in np.unique(pred):
-        members = np.flatnonzero(pred == cluster)
-        confident = members[np.argsort(-probs[members, cluster], kind="stable")[:top]]
-        centre = embeddings[confident].mean(axis=0)
-        distances = np.linalg.norm(embeddings[members] - centre, axis=1)
-        result[int(cluster)] = members[np.argsort(distances, kind="stable")[:count]].tolist()
-    return result
-
-
 def report(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default",
            *, overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
            force: bool = False, export: str | None = None) -> dict[str, Any]:
@@ -68,16 +63,6 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
 
     It derives everything from the finished stages, so like ``evaluate`` it is always redone.
     """
-    import torch
-
-    from scanclust.data import build_dataset
-    from scanclust.data.datasets import FolderDataset
-    from scanclust.data.paths import data_path_for
-    from scanclust.predict import load
-    from scanclust.runtime import channels_last
-    from scanclust.scan import predict_logits
-    from scanclust.training import begin_stage, log, prepare_model
-
     if export is not None and export not in EXPORT_MODES:
         raise ReportError(f"--export {export!r} is not one of {', '.join(EXPORT_MODES)}")
     cfg, run, _ = begin_stage(STAGE, config, out, overrides, resume, force, needs="scan")
@@ -91,22 +76,22 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     model, device = clusterer.model, clusterer.device
     prepare_model(model, cfg, device)
     logits, feats = predict_logits(model, data_path_for(cfg, device, dataset), dataset,
-                                   cfg.evaluate.batch_size, device, cfg.amp,
-                                   channels_last(cfg, device, False), cfg.progress, "assigning")
+                                   cfg.evaluate.batch_size, device, cfg.amp, cfg.progress,
+                                   "assigning")
     probs = torch.softmax(logits[0].float(), dim=1).numpy()
     feats_np = feats.numpy()
     del model, clusterer
 
     paths = [escape_name(dataset.relative(i)) for i in range(len(dataset))]
     pred, confidence = probs.argmax(1), probs.max(1)
-    prototypes = cluster_prototypes(probs, feats_np)
+    prototypes = cluster_prototypes(probs, feats_np, PROTOTYPES)
     is_prototype = np.zeros(len(paths), dtype=bool)
     for members in prototypes.values():
         is_prototype[members] = True
     write_assignments(run.root / "assignments.csv", paths, pred, confidence, is_prototype)
     clusters = cluster_summary(pred, confidence, prototypes, paths, probs.shape[1])
     write_json(run.root / "clusters.json", {
-        "num_images": len(paths), "num_clusters": int(probs.shape[1]), "stage": _stage(run),
+        "num_images": len(paths), "num_clusters": int(probs.shape[1]), "stage": final_stage(run),
         "folder": escape_name(dataset.root), "clusters": clusters})
     skipped = [(escape_name(_relative(p, dataset.root)), escape_name(reason))
                for p, reason in dataset.skipped]
@@ -124,10 +109,6 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     log.info("report: %d images in %d clusters, %d skipped; wrote %s", len(paths),
              probs.shape[1], len(skipped), run.root / "report.html")
     return summary
-
-
-def _stage(run: RunDir) -> str:
-    return "selflabel" if run.is_done("selflabel") else "scan"
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -249,8 +230,6 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
                   clusters: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> str:
     """The whole page as one string: every name escaped, every image a data URI, no script
     (the page's security policy forbids scripts outright, so an odd file name cannot run one)."""
-    from scanclust.data.cache import decoded_images
-
     num_clusters = len(clusters)
     order = {c: np.flatnonzero(pred == c)[np.argsort(-confidence[pred == c], kind="stable")]
              for c in range(num_clusters)}
@@ -273,7 +252,7 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
             k += 1
 
     metrics = read_json(run.metrics_path) if run.metrics_path.is_file() else {}
-    stage = _stage(run)
+    stage = final_stage(run)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
              f"img-src data:; style-src 'unsafe-inline'\">"
@@ -315,17 +294,9 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
 
 
 def _native_side(dataset, needed: list[int]) -> int:
-    """The median shorter side of the images shown, read from their headers only."""
-    from PIL import Image
-
-    sides = []
-    for i in needed[:200]:
-        try:
-            with Image.open(dataset.paths[i]) as image:
-                sides.append(min(image.size))
-        except (OSError, Image.DecompressionBombError):
-            continue
-    return max(8, min(THUMBNAIL, int(np.median(sides)) if sides else THUMBNAIL))
+    """The median shorter side of the images shown, up to ``THUMBNAIL``."""
+    side = median_side([dataset.paths[i] for i in needed]) or THUMBNAIL
+    return max(8, min(THUMBNAIL, side))
 
 
 def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[dict],

@@ -1,0 +1,232 @@
+"""Stage 3, SCAN: train a cluster model so that images and their neighbours agree, confidently.
+
+Each step pairs every anchor with a partner drawn uniformly among its K mined neighbours and,
+as the authors' released code does (``scan.partner``), the image itself; both under the strong
+augmentation. After each epoch a label-free selection loss of every head is measured on the val
+split (eval view, val neighbours; ``selection_loss``); the head and epoch with the lowest loss
+are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from scanclust import distributed
+from scanclust.checkpoint import load_checkpoint, load_state
+from scanclust.config import Config, ConfigError, ScanConfig
+from scanclust.data import build_dataset
+from scanclust.data.pipelines import Augment, Batch, data_path_for
+from scanclust.engine import (Loop, begin_stage, cpu_state, feature_path, log, predict_logits,
+                              prepare_model)
+from scanclust.health import collapse_warning
+from scanclust.losses import EPS, scan_loss
+from scanclust.models import ClusterModel, Heads, backbone_state, build_cluster_model
+from scanclust.preflight import num_clusters
+from scanclust.rundir import RunDir, exclusive
+from scanclust.runtime import autocast, derive_seed, resolve_device, seed_all
+
+STAGE = "scan"
+
+def scan_body(forward: Callable, augment: Augment, entropy_weight: float, device: torch.device,
+              amp: bool) -> Callable[[Batch], Batch]:
+    """The SCAN step's body (``scanclust.step``): anchors and partners through ``forward`` (the
+    model on images, or its heads on cached features) in one pass, SCAN loss (entropy of the
+    global batch's mean prediction), gradients."""
+
+    def body(batch: Batch) -> Batch:
+        views = augment(batch)
+        with autocast(device, amp):
+            logits = forward(torch.cat([views["anchor"], views["neighbor"]]))
+        anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
+        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight,
+                                                global_batch=True)
+        total.sum().backward()
+        return {"loss": torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()}
+
+    return body
+
+
+
+class ScanLoop(Loop):
+    """After every epoch the selection loss of each head on the val split; the lowest head and
+    epoch so far are kept (``best``), with their weights."""
+
+    def __init__(self, *args: Any, val: Callable[[], torch.Tensor], val_neighbors: np.ndarray,
+                 clusters: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val, self.val_neighbors, self.clusters = val, val_neighbors, clusters
+        self.best: dict[str, Any] = {"loss": float("inf"), "head": 0, "epoch": 0,
+                                     "model": cpu_state(self.model)}
+        self.history: list[list[float]] = []
+
+    def train_mode(self) -> None:
+        self.model.train_mode(self.settings.update_backbone)
+
+    def epoch_stats(self, loss: torch.Tensor, steps: int, skipped: int) -> dict[str, Any]:
+        total, consistency, entropy = (loss / max(steps, 1)).tolist()
+        return {"loss": total, "consistency": consistency, "entropy": entropy}
+
+    def end_epoch(self, stats: dict[str, Any]) -> dict[str, Any]:
+        logits = self.val()
+        val_loss = selection_loss(logits, self.val_neighbors, self.settings)
+        self.history.append(val_loss.tolist())
+        self.head = int(val_loss.argmin())
+        self.head_loss = float(val_loss[self.head])
+        if self.head_loss < self.best["loss"]:
+            sizes = torch.bincount(logits[self.head].argmax(1), minlength=self.clusters)
+            self.best = {"loss": self.head_loss, "head": self.head, "epoch": self.epoch,
+                         "model": cpu_state(self.model), "sizes": sizes.tolist()}
+        return {"val_loss": val_loss.tolist(), "best_head": self.best["head"],
+                "best_epoch": self.best["epoch"]}
+
+    def note(self, stats: dict[str, Any], record: dict[str, Any]) -> str:
+        return f"val loss {self.head_loss:.4f} (head {self.head})  "
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "num_clusters": self.clusters,
+                "num_heads": self.settings.num_heads}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.best, self.history = state["best"], state["history"]
+
+
+def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weight: float,
+                      chunk: int = 1024) -> torch.Tensor:
+    """SCAN loss per head over a whole split, each sample against all its neighbours.
+
+    Anchors are taken ``chunk`` at a time so memory stays ``H x chunk x K x C`` (ImageNet val
+    with 10 heads, K = 50 and 1000 clusters would need 100 GB at once).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    table = torch.from_numpy(np.ascontiguousarray(neighbors))
+    n, k = table.shape
+    log_sims = torch.zeros(probs.shape[0])
+    for start in range(0, n, chunk):
+        rows = table[start:start + chunk]
+        anchor = probs[:, start:start + chunk].unsqueeze(2)  # [H, c, 1, C]
+        sims = (anchor * probs[:, rows]).sum(-1)  # [H, c, K]
+        log_sims += torch.log(sims.clamp_min(EPS)).sum(dim=(1, 2))
+    consistency = -log_sims / (n * k)
+    _, _, entropy = scan_loss(logits, logits, 0.0)
+    return consistency - entropy_weight * entropy
+
+
+def with_self(neighbors: np.ndarray) -> np.ndarray:
+    """Prepend each row's own index: [N, K] -> [N, K + 1]."""
+    own = np.arange(len(neighbors), dtype=neighbors.dtype)[:, None]
+    return np.concatenate([own, neighbors], axis=1)
+
+
+def partner_table(neighbors: np.ndarray, sc: ScanConfig) -> np.ndarray:
+    """The entries a training partner is drawn from: the K neighbours, and with
+    ``partner=neighbors_and_self`` the image itself (so 1 pair in K + 1 is an image with its
+    own second augmentation, as in the authors' released code)."""
+    return with_self(neighbors) if sc.partner == "neighbors_and_self" else neighbors
+
+
+def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig) -> torch.Tensor:
+    """The label-free loss that picks the kept head and epoch, per head.
+
+    The authors' released behaviour (the default): consistency - 1 x entropy over each image's
+    first 5 val neighbours plus the image itself. ``selection_entropy_weight=null``,
+    ``selection_neighbors=null`` and ``selection_self=false`` give the other reading: the
+    training loss (weight 5) over as many neighbours as training uses (``num_neighbors``; all
+    mined when that is null or 0).
+    """
+    count = sc.num_neighbors if sc.selection_neighbors is None else sc.selection_neighbors
+    table = neighbors[:, :count] if count else neighbors
+    if sc.selection_self:
+        table = with_self(table)
+    weight = sc.entropy_weight if sc.selection_entropy_weight is None else sc.selection_entropy_weight
+    return heldout_scan_loss(logits, table, weight)
+
+
+def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | None:
+    path = run.neighbors(split)
+    if not path.is_file():
+        return None
+    neighbors = np.load(path)
+    return neighbors if count is None else neighbors[:, :count]
+
+
+
+@exclusive
+def scan(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
+         overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+         force: bool = False) -> dict[str, Any]:
+    """Train the cluster model; returns the stage summary (also in ``scan/summary.json``)."""
+    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="mine")
+    if status == "done":
+        return run.summary(STAGE)
+    sc = cfg.scan
+    device = resolve_device(cfg.device)
+    train_set = build_dataset(cfg.data, "train")
+    val_set = build_dataset(cfg.data, "val")
+    clusters = num_clusters(cfg, train_set)
+    seed_all(derive_seed(cfg.seed, STAGE, "init"))
+    model = build_cluster_model(cfg, clusters, sc.num_heads)
+    pretext_state = load_checkpoint(run.checkpoint("pretext"), "pretext")
+    load_state(model.backbone, backbone_state(pretext_state["model"]), run.checkpoint("pretext"))
+    if not sc.update_backbone:
+        model.freeze_backbone()
+    forward = prepare_model(model, cfg, device, train=not sc.cached_views,
+                            sync_batchnorm=sc.sync_batchnorm)
+
+    train_neighbors = load_neighbors(run, "train", sc.num_neighbors)
+    if len(train_neighbors) != len(train_set):
+        raise ConfigError(f"{run.neighbors('train')} has {len(train_neighbors)} rows but the "
+                          f"train split has {len(train_set)} images; rerun mine")
+    val_neighbors = load_neighbors(run, "val", None)
+    if val_neighbors is None or val_neighbors.shape[1] == 0:
+        val_set, val_neighbors = train_set, load_neighbors(run, "train", None)
+    data = data_path_for(cfg, device, train_set)
+    val_data = data_path_for(cfg, device, val_set)
+    if sc.cached_views:
+        data, val = _cached(model, cfg, data, train_set, val_data, val_set, device)
+        forward = distributed.wrap(Heads(model), device, False)
+    else:
+        def val() -> torch.Tensor:
+            return predict_logits(model, val_data, val_set, cfg.evaluate.batch_size, device,
+                                  cfg.amp, False)[0]
+    views = {"anchor": sc.augment, "neighbor": sc.augment}
+    augment = data.augment(train_set, views, partner_table(train_neighbors, sc))
+    loop = ScanLoop(STAGE, cfg, run, model,
+                    scan_body(forward, augment, sc.entropy_weight, device, cfg.amp), data,
+                    augment, len(train_set), device, val=val, val_neighbors=val_neighbors,
+                    clusters=clusters)
+    loop.fit(resume=status == "resume")
+    best = loop.best
+    if "sizes" in best:
+        collapse_warning(best["sizes"], f"scan (head {best['head']}, epoch {best['epoch']}, "
+                         f"on the val split)")
+    summary = {"seconds": loop.seconds, "epochs": sc.epochs, "best_head": best["head"],
+               "best_epoch": best["epoch"], "best_loss": best["loss"],
+               "num_clusters": clusters, "data_path": data.name, "step": loop.step.mode}
+    run.finish(STAGE, summary)
+    return summary
+
+
+def _cached(model: ClusterModel, cfg: Config, data: Any, train_set: Any, val_data: Any,
+            val_set: Any, device: torch.device) -> tuple[Any, Callable[[], torch.Tensor]]:
+    """Train features (eval view + ``scan.cached_views`` augmented views), and the heads'
+    val logits on cached val eval features."""
+    sc = cfg.scan
+    started = time.perf_counter()
+    train = feature_path(model.backbone, cfg, data, train_set, sc.augment, sc.cached_views,
+                         device)
+    store = (train.features.device, train.features.dtype)
+    val_features = feature_path(model.backbone, cfg, val_data, val_set, sc.augment, 0, device,
+                                store).features[0].to(device, torch.float32)
+    log.info("scan: cached %d views of %d train images in %.1f s", sc.cached_views + 1,
+             len(train_set), time.perf_counter() - started)
+
+    def val() -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval().forward_heads(val_features).float().cpu()
+
+    return train, val
