@@ -17,10 +17,14 @@ Under torchrun only the main process logs epochs and shows progress; a process g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, rest, list(getattr(args, rest)) + extra)
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return _dispatch(args)
+        with _sigterm_raises():
+            return _dispatch(args)
     except UserError as err:
         return _fail(str(err))
     except OSError as err:  # the file system's faults: disk full, read-only, permissions
@@ -150,8 +155,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scanclust: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("scanclust: terminated (SIGTERM); continue with --resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         distributed.shutdown()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT (and, like it, past ``except
+    Exception``): unwinding the stack removes temporary files and releases the run directory."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in the main thread while the command runs.
+
+    SIGTERM is what ``kill``, systemd, Slurm at the time limit and torchrun send; its default
+    action ends the process at once, leaving temporary files behind and saying nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it can set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 OUT_OF_MEMORY = ("out of memory; lower the batch sizes (e.g. pretext.batch_size, scan.batch_size, "

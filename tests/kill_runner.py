@@ -15,7 +15,8 @@ seconds of importing torch), and returns ``(exit code, stderr)``; a SIGKILLed ch
   none     die nowhere
 The kill is real (SIGKILL: no cleanup, no atexit); only the choice of the moment is staged,
 through the two functions every stage calls to change the run directory (``begin_stage``,
-``atomic_write``).
+``atomic_write``). ``"signal": "SIGTERM"`` (or another name) sends that signal instead, which
+the command line handles: the exit code is then the command's own.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class _Hooks:
 
     def die(self) -> None:
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, self.spec.get("signal", "SIGKILL")))
 
     def end_of_stage(self) -> None:
         if self.stage in self.report:

@@ -75,7 +75,11 @@ def decoded_images(paths: list[Path], size: int, cache_dir: str | Path | None,
     # Named per process: processes of one torchrun job that share a cache_dir each decode into
     # their own file, and the renames leave one complete copy.
     tmp = folder / f".{array_path.name}.{os.getpid()}.partial"
-    images, failures = _decode(paths, size, tmp, progress, desc)
+    try:
+        images, failures = _decode(paths, size, tmp, progress, desc)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the file can be as large as the folder
+        tmp.unlink(missing_ok=True)
+        raise
     del images
     os.replace(tmp, array_path)
     meta = {"format": FORMAT, "size": size, "count": len(paths),

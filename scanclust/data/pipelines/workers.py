@@ -8,6 +8,8 @@ the same names and meaning.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -173,5 +175,20 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: SeededSampler, *, nu
     not pay for starting them (and copying the file list into each) every epoch."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_exit_on_sigterm)
+
+
+def _exit_on_sigterm(worker_id: int) -> None:
+    """End a worker quietly (exit code 0) on SIGTERM from anyone.
+
+    systemd, Slurm at the time limit and ``kill -TERM -PGID`` signal every process of the job.
+    torch's own handler lets the signal kill a worker unless the parent sent it, and the
+    parent's DataLoader then prints a traceback ('worker ... is killed by signal: Terminated')
+    under the command line's one line.
+    """
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
 
