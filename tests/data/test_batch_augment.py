@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 from scanclust.config import STRONG_OPS, SimCLRAugConfig, StrongAugConfig
 from scanclust.data import batch_augment as ba
+from scanclust.data import batch_ops as bo
 from scanclust.data.transforms import (
     OP_RANGES,
     Cutout,
@@ -34,6 +35,37 @@ MEAN = [0.5, 0.4, 0.3]
 STD = [0.25, 0.2, 0.3]
 # Ops on integers only: no float rounding can differ anywhere.
 INTEGER_OPS = {"identity", "equalize", "solarize", "posterize"}
+
+
+def apply_op_batch(x: torch.Tensor, op: str, magnitude: torch.Tensor,
+                   warp: Warp = Warp()) -> torch.Tensor:
+    """One strong op on a float 0..255 batch [B, 3, H, W], magnitude [B] per sample, with the
+    semantics of transforms.apply_op: the batched kernels one at a time, to compare op by op
+    (the package applies them all at once, ``apply_strong_ops``)."""
+    if op == "identity":
+        return x
+    if op == "autocontrast":
+        return ba.autocontrast(x)
+    if op == "equalize":
+        return ba.equalize(x)
+    if op == "solarize":
+        return ba.solarize(x, magnitude)
+    if op == "color":
+        return bo.adjust_saturation(x, magnitude)
+    if op == "contrast":
+        return bo.adjust_contrast(x, magnitude)
+    if op == "brightness":
+        return bo.adjust_brightness(x, magnitude)
+    if op == "sharpness":
+        return ba.adjust_sharpness(x, magnitude)
+    if op == "posterize":
+        return ba.posterize(x, magnitude)
+    if op in bo.AFFINE_COLUMN:
+        height, width = x.shape[-2:]
+        theta = bo.inverse_affine(bo.affine_args(op, magnitude, height, width, warp))
+        return bo.affine_warp(x, theta, warp)
+    raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
+
 
 
 def random_uint8(batch: int, height: int = 20, width: int = 20, seed: int = 0) -> torch.Tensor:
@@ -76,7 +108,7 @@ def low_mid_high(op: str) -> list[float]:
 def test_op_matches_apply_op_per_sample(op: str, warp: Warp) -> None:
     x = random_uint8(6)
     magnitudes = low_mid_high(op) + low_mid_high(op)[::-1]  # each sample its own magnitude
-    out = ba.apply_op_batch(x.float(), op, torch.tensor(magnitudes), warp)
+    out = apply_op_batch(x.float(), op, torch.tensor(magnitudes), warp)
     ref = torch.stack([apply_op(img, op, m, warp) for img, m in zip(x, magnitudes)])
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert_close_levels(out, ref, exact=op in INTEGER_OPS)
@@ -87,7 +119,7 @@ def test_op_matches_apply_op_at_random_magnitudes(op: str) -> None:
     x = random_uint8(64, seed=1)
     g = torch.Generator().manual_seed(1)
     magnitudes = ba.sample_magnitudes([op], torch.zeros(64, 1, dtype=torch.long), g)[:, 0]
-    out = ba.apply_op_batch(x.float(), op, magnitudes)
+    out = apply_op_batch(x.float(), op, magnitudes)
     ref = torch.stack([apply_op(img, op, float(m)) for img, m in zip(x, magnitudes)])
     assert_close_levels(out, ref, exact=op in INTEGER_OPS)
 
@@ -95,27 +127,27 @@ def test_op_matches_apply_op_at_random_magnitudes(op: str) -> None:
 @pytest.mark.parametrize(("warp", "fill"), [(Warp(), 0), (Warp.centred(), 128)])
 def test_integer_translation_shifts_exactly(warp: Warp, fill: int) -> None:
     x = random_uint8(2)
-    out = ba.apply_op_batch(x.float(), "translate_x", torch.tensor([0.1, -0.1]), warp)  # 2 px
+    out = apply_op_batch(x.float(), "translate_x", torch.tensor([0.1, -0.1]), warp)  # 2 px
     assert torch.equal(out[0, :, :, 2:], x[0, :, :, :-2].float())
     assert torch.equal(out[1, :, :, :-2], x[1, :, :, 2:].float())
     assert (out[0, :, :, :2] == fill).all() and (out[1, :, :, -2:] == fill).all()
-    out = ba.apply_op_batch(x.float(), "translate_y", torch.tensor([0.1, 0.0]), warp)
+    out = apply_op_batch(x.float(), "translate_y", torch.tensor([0.1, 0.0]), warp)
     assert torch.equal(out[0, :, 2:], x[0, :, :-2].float())
     assert torch.equal(out[1], x[1].float())
 
 
 def test_point_ops_by_hand() -> None:
     white = torch.full((1, 3, 4, 4), 255.0)
-    assert (ba.apply_op_batch(white, "posterize", torch.tensor([4.0])) == 240).all()
-    assert (ba.apply_op_batch(white, "solarize", torch.tensor([255.0])) == 0).all()
-    assert (ba.apply_op_batch(white, "solarize", torch.tensor([256.0])) == 255).all()
-    assert (ba.apply_op_batch(white, "brightness", torch.tensor([0.5])) == 127).all()
-    assert (ba.to_grayscale(white) == 254).all()  # 0.2989 + 0.587 + 0.114 = 0.9999
+    assert (apply_op_batch(white, "posterize", torch.tensor([4.0])) == 240).all()
+    assert (apply_op_batch(white, "solarize", torch.tensor([255.0])) == 0).all()
+    assert (apply_op_batch(white, "solarize", torch.tensor([256.0])) == 255).all()
+    assert (apply_op_batch(white, "brightness", torch.tensor([0.5])) == 127).all()
+    assert (bo.to_grayscale(white) == 254).all()  # 0.2989 + 0.587 + 0.114 = 0.9999
 
 
 def test_unknown_op_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown strong op"):
-        ba.apply_op_batch(torch.zeros(1, 3, 4, 4), "blur", torch.zeros(1))
+        apply_op_batch(torch.zeros(1, 3, 4, 4), "blur", torch.zeros(1))
     with pytest.raises(ValueError, match="unknown strong op"):
         ba.random_strong_ops(torch.zeros(1, 3, 4, 4), ["blur"], 1)
     with pytest.raises(ValueError, match="num_ops"):
@@ -123,10 +155,10 @@ def test_unknown_op_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(("kernel", "reference", "low", "high"), [
-    (ba.adjust_brightness, F.adjust_brightness, 0.0, 2.0),
-    (ba.adjust_contrast, F.adjust_contrast, 0.0, 2.0),
-    (ba.adjust_saturation, F.adjust_saturation, 0.0, 2.0),
-    (ba.adjust_hue, F.adjust_hue, -0.5, 0.5),
+    (bo.adjust_brightness, F.adjust_brightness, 0.0, 2.0),
+    (bo.adjust_contrast, F.adjust_contrast, 0.0, 2.0),
+    (bo.adjust_saturation, F.adjust_saturation, 0.0, 2.0),
+    (bo.adjust_hue, F.adjust_hue, -0.5, 0.5),
 ])
 def test_colour_kernels_match_torchvision(kernel, reference, low: float, high: float) -> None:
     x = random_uint8(64, seed=2)
@@ -138,7 +170,7 @@ def test_colour_kernels_match_torchvision(kernel, reference, low: float, high: f
 
 def test_grayscale_matches_torchvision() -> None:
     x = random_uint8(8, seed=3)
-    assert torch.equal(ba.to_grayscale(x.float()), F.rgb_to_grayscale(x, 3).float())
+    assert torch.equal(bo.to_grayscale(x.float()), F.rgb_to_grayscale(x, 3).float())
 
 
 # --- colour jitter ----------------------------------------------------------------------------
@@ -146,9 +178,9 @@ def test_grayscale_matches_torchvision() -> None:
 
 def test_jitter_in_each_samples_order_matches_torchvision() -> None:
     x = random_uint8(128, seed=4)
-    factors, order = ba.sample_jitter(128, 0.4, 0.4, 0.4, 0.1,
+    factors, order = bo.sample_jitter(128, 0.4, 0.4, 0.4, 0.1,
                                       torch.Generator().manual_seed(4))
-    out = ba.apply_jitter(x.float(), factors, order)
+    out = bo.apply_jitter(x.float(), factors, order)
     kernels = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
     ref = []
     for img, f, o in zip(x, factors.tolist(), order.tolist()):
@@ -160,18 +192,18 @@ def test_jitter_in_each_samples_order_matches_torchvision() -> None:
 
 def test_jitter_factors_and_order() -> None:
     n = 20000
-    factors, order = ba.sample_jitter(n, 0.4, 0.3, 0.0, 0.1, torch.Generator().manual_seed(5))
+    factors, order = bo.sample_jitter(n, 0.4, 0.3, 0.0, 0.1, torch.Generator().manual_seed(5))
     for k, (lo, hi) in enumerate([(0.6, 1.4), (0.7, 1.3), (1.0, 1.0), (-0.1, 0.1)]):
         assert lo <= factors[:, k].min() < lo + 0.01 and hi - 0.01 < factors[:, k].max() <= hi + 1e-6
     assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(n, 4))
     share = torch.stack([(order == k).float().mean(dim=0) for k in range(4)])  # op x position
     assert (share - 0.25).abs().max() < 0.02
-    assert torch.equal(ba.sample_jitter(4, 0, 0, 0, 0)[0], torch.tensor([[1.0, 1, 1, 0]] * 4))
+    assert torch.equal(bo.sample_jitter(4, 0, 0, 0, 0)[0], torch.tensor([[1.0, 1, 1, 0]] * 4))
 
 
 def test_disabled_jitter_is_the_identity() -> None:
     x = random_uint8(8, seed=6).float()
-    assert torch.equal(ba.color_jitter(x, 0.0, 0.0, 0.0, 0.0), x)
+    assert torch.equal(bo.color_jitter(x, 0.0, 0.0, 0.0, 0.0), x)
 
 
 def test_simclr_jitter_and_grayscale_rates() -> None:
@@ -200,9 +232,9 @@ def test_crop_resize_matches_resized_crop_and_flip(height: int, width: int,
                                                   out_size: int) -> None:
     x = random_uint8(64, height, width, seed=8)
     g = torch.Generator().manual_seed(8)
-    boxes = ba.sample_resized_crop(64, height, width, (0.2, 1.0), generator=g)
+    boxes = bo.sample_resized_crop(64, height, width, (0.2, 1.0), generator=g)
     flip = torch.rand(64, generator=g) < 0.5
-    out = ba.crop_resize(x.float(), boxes, out_size, flip)
+    out = bo.crop_resize(x.float(), boxes, out_size, flip)
     ref = []
     for img, (top, left, h, w), f in zip(x, boxes.tolist(), flip):
         # torchvision's float path; its uint8 CPU kernel rounds its fixed-point weights and
@@ -216,15 +248,15 @@ def test_crop_resize_matches_resized_crop_and_flip(height: int, width: int,
 def test_crop_resize_at_scale_one_copies_exactly() -> None:
     x = random_uint8(2, 36, 36, seed=9)
     boxes = torch.tensor([[0, 0, 36, 36], [3, 1, 32, 32]])
-    out = ba.crop_resize(x[:1].float(), boxes[:1], 36, torch.tensor([False]))
+    out = bo.crop_resize(x[:1].float(), boxes[:1], 36, torch.tensor([False]))
     assert torch.equal(out, x[:1].float())
-    out = ba.crop_resize(x[1:].float(), boxes[1:], 32, torch.tensor([True]))
+    out = bo.crop_resize(x[1:].float(), boxes[1:], 32, torch.tensor([True]))
     assert torch.equal(out[0], x[1, :, 3:35, 1:33].flip(-1).float())
 
 
 def test_resized_crop_boxes_lie_inside_and_follow_scale_and_ratio() -> None:
     n, size = 20000, 32
-    boxes = ba.sample_resized_crop(n, size, size, (0.2, 1.0),
+    boxes = bo.sample_resized_crop(n, size, size, (0.2, 1.0),
                                    generator=torch.Generator().manual_seed(10))
     top, left, h, w = boxes.T.double()
     assert boxes.dtype == torch.long
@@ -250,7 +282,7 @@ def test_resized_crop_boxes_lie_inside_and_follow_scale_and_ratio() -> None:
 
 
 def test_resized_crop_falls_back_to_the_central_crop_as_torchvision() -> None:
-    boxes = ba.sample_resized_crop(5, 10, 40, (2.0, 3.0))  # no box of twice the area fits
+    boxes = bo.sample_resized_crop(5, 10, 40, (2.0, 3.0))  # no box of twice the area fits
     params = v2.RandomResizedCrop(8, scale=(2.0, 3.0)).make_params([torch.zeros(3, 10, 40)])
     expected = [params["top"], params["left"], params["height"], params["width"]]
     assert expected == [0, 13, 10, 13]
