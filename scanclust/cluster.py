@@ -33,6 +33,7 @@ import numpy as np
 from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.data.images import ImageReadError, list_images
+from scanclust.rundir import STAGE_DIRS, RunDir, RunDirError, exclusive
 
 log = logging.getLogger("scanclust")
 
@@ -252,14 +253,27 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
                        resume=resume, force=force, started=started)
 
 
+@exclusive
 def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[int],
                 criterion: str, export: str | None, resume: bool, force: bool,
                 started: float) -> dict[str, Any]:
     """The stages of ``scanclust run``, K chosen between mine and SCAN when asked, then the
-    report."""
+    report, all under one lock (so the folder is listed once).
+
+    A resumed run whose stages read other images than the folder holds now is refused before
+    any work, with advice in this command's terms.
+    """
     from scanclust.pipeline import STAGE_FUNCTIONS
     from scanclust.report import report
 
+    run = RunDir(out)
+    run.lock()
+    change = run.data_change(set(STAGE_DIRS), cfg.to_dict()) if not force else None
+    if change is not None:
+        stage, _, what = change
+        raise RunDirError(f"the images in FOLDER {cfg.data.root} changed since the {stage} stage "
+                          f"of {out} read them ({what}); run again with --force to redo every "
+                          f"stage (the old output is kept aside), or into a new --out")
     auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)
     if auto:
         # Until mining has run, the largest K to be tried stands in for the number of clusters,

@@ -130,12 +130,18 @@ def _is_image(item: Any) -> bool:
 
 
 def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") -> Clusterer:
-    """The run's final model: self-label if it finished, else SCAN (or the named ``stage``)."""
+    """The run's final model: self-label if it finished, else SCAN (or the named ``stage``).
+
+    The stage is verified as ``evaluate`` verifies it (``RunDir.verify``): a checkpoint copied
+    in from another run, or built on a redone pretext, is refused. The training images are not
+    compared: a model may assign new images where its training folder is not at hand.
+    """
     run = RunDir(run_dir)
     if stage is None:
         stage = "selflabel" if run.is_done("selflabel") else "scan"
     if stage not in ("scan", "selflabel") or not run.is_done(stage):
         raise CheckpointError(f"{run.root} has no finished {stage} stage to load")
+    run.verify(stage)
     model, state = (load_selflabel_model if stage == "selflabel" else load_scan_model)(run)
     cfg = load_config(state["config"], {"device": device})
     torch_device = resolve_device(cfg.device)
