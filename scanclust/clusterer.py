@@ -139,12 +139,18 @@ def _is_image(item: Any) -> bool:
 
 
 def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") -> Clusterer:
-    """The run's final model: self-label if it finished, else SCAN (or the named ``stage``)."""
+    """The run's final model: self-label if it finished, else SCAN (or the named ``stage``).
+
+    The stage is verified as ``evaluate`` verifies it (``RunDir.verify``): a checkpoint copied
+    in from another run, or built on a redone pretext, is refused. The training images are not
+    compared: a model may assign new images where its training folder is not at hand.
+    """
     run = RunDir(run_dir)
     if stage is None:
         stage = final_stage(run)
     if stage not in CLUSTER_STAGES or not run.is_done(stage):
         raise CheckpointError(f"{run.root} has no finished {stage} stage to load")
+    run.verify(stage)
     model, state = load_cluster_model(run, stage)
     cfg = load_config(state["config"], {"device": device})
     torch_device = resolve_device(cfg.device)

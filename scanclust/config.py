@@ -265,11 +265,14 @@ def load_config(source: str | Path | dict | Config | None = None,
         data, files = compose(path)
     data = _deep_copy(data)
     parsed = _parse_overrides(overrides)
+    where = _Origin(origin, set(parsed), _dotted_keys(data), files)
     for key, value in parsed.items():
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, prefix="",
-                 origin=_Origin(origin, set(parsed), files))
-    validate(cfg)
+    cfg = _build(Config, data, prefix="", origin=where)
+    try:
+        validate(cfg)
+    except _InvalidValue as err:
+        raise ConfigError(f"config key '{err.key}'{where.clause(err.key)}: {err.message}") from None
     return cfg
 
 
@@ -386,19 +389,41 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every key of a nested mapping, sections included, as dotted paths."""
+    keys: set[str] = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            keys.add(f"{prefix}{key}")
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
 class _Origin:
     """Where a key came from, for error messages: an override, or the config file (of a
-    composed config, the file that set it)."""
+    composed config, the file that set it).
 
-    def __init__(self, source: str, overridden: set[str], files: dict[str, str]) -> None:
+    A key is typed when an override set it or a section above it, or when an override made it
+    (``Scan.epochs=3`` makes an unknown section ``Scan`` that no file holds).
+    """
+
+    def __init__(self, source: str, overridden: set[str], given: set[str],
+                 files: dict[str, str]) -> None:
         self.source = source
         self.overridden = overridden
-        self.files = files
+        self.given = given  # the keys the source itself holds
+        self.files = files  # of a composed file: the file that set each setting
+
+    def typed(self, key: str) -> bool:
+        return any(key == o or key.startswith(f"{o}.") for o in self.overridden) or (
+            key not in self.given and any(o.startswith(f"{key}.") for o in self.overridden))
 
     def of(self, key: str) -> str:
-        if key in self.overridden or any(key.startswith(f"{o}.") for o in self.overridden):
-            return "the overrides"
-        return self.files.get(key, self.source)
+        return "the overrides" if self.typed(key) else self.files.get(key, self.source)
+
+    def clause(self, key: str) -> str:
+        """`` in <origin>`` for a key the overrides or the source set; nothing for a default."""
+        return f" in {self.of(key)}" if self.typed(key) or key in self.given else ""
 
 
 def _build(cls: type, data: Any, prefix: str, origin: _Origin) -> Any:
@@ -480,9 +505,17 @@ def _type_error(key: str, tp: Any, value: Any, origin: _Origin) -> ConfigError:
                        f"got {value!r}")
 
 
+class _InvalidValue(ConfigError):
+    """A value ``validate`` refuses; ``load_config`` adds where the value came from."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key, self.message = key, message
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
+        raise _InvalidValue(key, message)
 
 
 def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
@@ -506,8 +539,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "device", f"{cfg.device!r} is not auto, cpu, cuda, cuda:N or mps")
     _require(cfg.data.image_size > 0, "data.image_size", "must be positive")
-    _require(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean",
-             "mean and std need three values (RGB)")
+    _require(len(cfg.data.mean) == 3, "data.mean", "needs three values (RGB)")
+    _require(len(cfg.data.std) == 3, "data.std", "needs three values (RGB)")
     _require(all(s > 0 for s in cfg.data.std), "data.std", "must be positive (it divides)")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.max_images is None or cfg.data.max_images >= 2, "data.max_images",

@@ -35,7 +35,7 @@ from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.data.images import ImageReadError, list_images, median_side
 from scanclust.errors import UserError
-from scanclust.rundir import STAGE_DIRS, RunDir, exclusive, read_json, write_json
+from scanclust.rundir import STAGE_DIRS, RunDir, RunDirError, exclusive, read_json, write_json
 
 log = logging.getLogger("scanclust")
 
@@ -291,6 +291,13 @@ def _cluster_into(cfg: Config, folder: Path, out: Path, preset: str, side: int,
     created = not out.exists()
     run.lock()
     try:
+        change = run.data_change(set(STAGE_DIRS), cfg.to_dict()) if not force else None
+        if change is not None:
+            stage, _, what = change
+            raise RunDirError(f"the images in FOLDER {cfg.data.root} changed since the {stage} "
+                              f"stage of {out} read them ({what}); run again with --force to "
+                              f"redo every stage (the old output is kept aside), or into a new "
+                              f"--out")
         images = len(build_dataset(cfg.data, "train"))
         cfg = fit_to_folder(cfg, images, clusters)
         auto = clusters == "auto" or (clusters is None and not cfg.data.labels_from_folders)

@@ -7,7 +7,9 @@
     <run>/neighbors/purity.json
     <run>/scan/checkpoint.pt
     <run>/selflabel/checkpoint.pt
-    <run>/<stage>/lineage.json      hashes of the inputs it was built from, its config, its output
+    <run>/<stage>/lineage.json      hashes of the inputs it was built from, its config, the image
+                                    files it read (folder and ImageNet data sets), its output files
+    <run>/<stage>/images-<key>.npy  per image file read: path hash, size, mtime (for the messages)
     <run>/metrics.json, <run>/figures/, <run>/log.jsonl (one line per epoch per stage)
     <run>/.lock                     while a process works on the run: its PID
 
@@ -18,9 +20,12 @@ Three rules keep the folder from ever holding a mix of results:
   the state; a second process is refused with the holder's PID. The kernel drops the lock of a
   killed process, so a stale lock file is simply taken over. (A record lock belongs to the
   process, not to its forked data-loader workers, so it ends with the process itself.)
-- Lineage. A stage records a content hash of each input stage's output when it starts, and the
-  hash of its own output when it finishes. A stage whose input changed since (a redone pretext,
-  a checkpoint copied in from another run) is refused until it is redone with ``--force``.
+- Lineage. A stage records a content hash of each input stage's output and a fingerprint of
+  the image files it reads (``data/fingerprint.py``) when it starts, and the hashes of its own
+  output files when it finishes. A stage whose input changed since (a redone pretext, a
+  checkpoint copied in from another run, images replaced, added or removed) is refused, and so
+  is every stage built on it, naming the earliest stage to redo with ``--force``. A lineage
+  written before fingerprints existed has none: its images are not compared.
 - Atomic files. Everything is written to a temporary file and renamed; the temporary files of
   a killed process are removed by the next one that takes the lock.
 
@@ -52,7 +57,8 @@ import numpy as np
 import yaml
 
 from scanclust import distributed
-from scanclust.config import ConfigError
+from scanclust.config import ConfigError, DataConfig
+from scanclust.data.fingerprint import IMAGENET, Fingerprint, difference, fingerprint, sources
 from scanclust.errors import UserError
 
 try:
@@ -68,6 +74,10 @@ STAGE_DIRS = {"pretext": "pretext", "mine": "neighbors", "scan": "scan", "selfla
 INPUTS = {"pretext": (), "mine": ("pretext",), "scan": ("pretext", "mine"), "selflabel": ("scan",),
           "evaluate": ("mine", "scan", "selflabel")}
 OPTIONAL_INPUTS = {"evaluate": ("scan", "selflabel")}
+# The splits whose images a stage reads (pretext only when it trains: see ``_reads``); evaluate
+# and report record nothing, they are redone every time.
+READS = {"pretext": ("train",), "mine": ("train", "val"), "scan": ("train", "val"),
+         "selflabel": ("train",)}
 OUTPUTS = {"pretext": ("checkpoint.pt",), "scan": ("checkpoint.pt",),
            "selflabel": ("checkpoint.pt",),
            "mine": ("train.npy", "val.npy", "features_train.npy", "features_val.npy",
@@ -94,6 +104,9 @@ LINEAGE_NAME = "lineage.json"
 _HELD: dict[str, tuple[int, bool]] = {}
 # sha256 of files already hashed, keyed by identity and version, so one call hashes a file once.
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
+# Fingerprints of the image folders, by (data set, folder, key): listed once while this process
+# holds a run directory's lock, so every stage of one call compares against the same listing.
+_FOLDERS: dict[tuple[str, str, str], Fingerprint] = {}
 
 
 class RunDirError(UserError, RuntimeError):
@@ -225,11 +238,15 @@ class RunDir:
     def output_digest(self, stage: str) -> str:
         """sha256 over the stage's output files: what a later stage was built from."""
         total = hashlib.sha256()
-        for name in OUTPUTS[stage]:
-            path = self.stage_dir(stage) / name
-            if path.is_file():
-                total.update(f"{name}:{file_digest(path)}\n".encode())
+        for name, digest in self.output_files(stage).items():
+            total.update(f"{name}:{digest}\n".encode())
         return total.hexdigest()
+
+    def output_files(self, stage: str) -> dict[str, str]:
+        """sha256 of each output file the stage folder holds."""
+        folder = self.stage_dir(stage)
+        return {name: file_digest(folder / name) for name in OUTPUTS[stage]
+                if (folder / name).is_file()}
 
     def lineage(self, stage: str) -> dict[str, Any]:
         path = self.lineage_path(stage)
@@ -253,22 +270,108 @@ class RunDir:
 
     def verify(self, stage: str) -> None:
         """A finished stage is intact: its output is the one it wrote, built from the current
-        output of every input stage (checked back to pretext)."""
+        output of every input stage (checked back to pretext).
+
+        Every input is verified before any hash is compared, so a refusal names the earliest
+        stage to redo (after ``pretext --force``: mine, not scan).
+        """
         if stage in self._verified:
             return
         recorded = self.lineage(stage)
         for dep in INPUTS[stage]:
             self.verify(dep)
+        for dep in INPUTS[stage]:
             if recorded.get("inputs", {}).get(dep) != self.output_digest(dep):
                 raise self._stale(stage, dep, f"{dep} was redone or replaced since")
         if recorded.get("output") != self.output_digest(stage):
-            folder = self.stage_dir(stage)
-            names = ", ".join(OUTPUTS[stage])
-            what = (f"changed after the {stage} stage wrote it (replaced by hand, or copied "
-                    f"from another run?)" if (folder / OUTPUTS[stage][0]).is_file()
-                    else "is missing")
-            raise RunDirError(f"{folder}: {names} {what}; redo it with {self._redo(stage)}")
+            raise RunDirError(f"{self.stage_dir(stage)}: {self._what_changed(stage, recorded)}; "
+                              f"redo it with {self._redo(stage)}")
         self._verified.add(stage)
+
+    def _what_changed(self, stage: str, recorded: dict[str, Any]) -> str:
+        """The output files that differ from those the stage wrote; all of them where the
+        lineage predates per-file hashes."""
+        names, now, then = OUTPUTS[stage], self.output_files(stage), recorded.get("files")
+        changed = missing = []
+        if isinstance(then, dict):
+            changed = [n for n in names if n in now and now[n] != then.get(n)]
+            missing = [n for n in names if n in then and n not in now]
+        if not changed and not missing:
+            changed, missing = (list(names), []) if names[0] in now else ([], list(names))
+        parts = []
+        if changed:
+            parts.append(f"{', '.join(changed)} changed after the {stage} stage wrote "
+                         f"{'it' if len(changed) == 1 else 'them'} (replaced by hand, or copied "
+                         f"from another run?)")
+        if missing:
+            parts.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+        return "; ".join(parts)
+
+    # --- the images a stage read -------------------------------------------------------------
+
+    def data_change(self, stages: set[str] | frozenset[str], cfg: dict[str, Any]
+                    ) -> tuple[str, str, str] | None:
+        """The earliest of ``stages`` that read other image files than ``cfg``'s folders hold
+        now: ``(stage, folder setting, what changed)``, e.g. ``("pretext", "data.root=/x",
+        "4 files changed, 1 added, 0 removed")``; None when all match (or none was recorded)."""
+        data = _data_config(cfg)
+        if data is None:
+            return None
+        now = {**sources(data, "train"), **sources(data, "val")}
+        for stage in (s for s in STAGE_DIRS if s in stages):
+            try:
+                recorded = read_json(self.lineage_path(stage)).get("data", {})
+            except (OSError, RunDirError, AttributeError):
+                continue  # the structural checks (``verify``) say what is wrong with it
+            for key, then in recorded.items():
+                if key not in now:
+                    continue  # a folder this config no longer reads: nothing to compare
+                current = _fingerprint(data, key)
+                if current.sha256 != then.get("sha256"):
+                    return stage, _setting(key, data), self._difference(stage, key, then,
+                                                                        current)
+        return None
+
+    def _difference(self, stage: str, key: str, then: dict[str, Any],
+                    current: Fingerprint) -> str:
+        try:
+            before = np.load(self._table_path(stage, key))
+            changed, added, removed = difference(before, current.table)
+        except (OSError, ValueError, IndexError):  # the table is gone: counts only
+            return f"{_files(then.get('files'))} then, {len(current.table)} now"
+        return f"{_files(changed)} changed, {added} added, {removed} removed"
+
+    def _table_path(self, stage: str, key: str) -> Path:
+        name = key.removeprefix("data.").replace("/", "-")
+        return self.stage_dir(stage) / f"images-{name}.npy"
+
+    def _check_data(self, stages: set[str], cfg: dict[str, Any]) -> None:
+        change = self.data_change(stages, cfg)
+        if change is not None:
+            stage, setting, what = change
+            later = ", then the stages after it" if stage != "selflabel" else ""
+            raise RunDirError(f"the images under {setting} changed since the {stage} stage read "
+                              f"them ({what}); redo the run from {stage}: `scanclust {stage} "
+                              f"--out {self.root} --force`{later}")
+
+    def _read_by(self, stage: str, cfg: dict[str, Any]) -> dict[str, Fingerprint]:
+        """The fingerprints of the folders ``stage`` reads; {} for the data sets without files
+        of their own."""
+        data = _data_config(cfg)
+        return {} if data is None else {key: _fingerprint(data, key)
+                                        for key in _reads(stage, cfg, data)}
+
+    def _upstream(self, inputs: tuple[str, ...], will_run: frozenset[str] | set[str]) -> set[str]:
+        """The finished stages ``inputs`` were built from, directly or not, that this call keeps."""
+        found: set[str] = set()
+        todo = list(inputs)
+        while todo:
+            dep = todo.pop()
+            if dep in found or dep not in STAGE_DIRS:
+                continue
+            found.add(dep)
+            todo += INPUTS[dep]
+        return {d for d in found if d not in will_run and self.is_done(d)}
 
     def plan(self, stage: str, cfg: dict[str, Any], resume: bool, force: bool,
              will_run: frozenset[str] | set[str] = frozenset(),
@@ -282,14 +385,15 @@ class RunDir:
         """
         inputs = INPUTS.get(stage, (needs,) if needs else ())
         for dep in reversed(inputs):  # the nearest missing input is the one to run next
-            if dep in will_run:
+            if dep in will_run or self.is_done(dep) or dep in OPTIONAL_INPUTS.get(stage, ()):
                 continue
-            if not self.is_done(dep):
-                if dep in OPTIONAL_INPUTS.get(stage, ()):
-                    continue
-                raise RunDirError(f"{stage} needs the {dep} stage's output in {self.root}; "
-                                  f"run `scanclust {dep}` on this run directory first")
-            self.verify(dep)
+            raise RunDirError(f"{stage} needs the {dep} stage's output in {self.root}; "
+                              f"run `scanclust {dep}` on this run directory first")
+        # changed images first: they make every stage from the first that read them stale
+        self._check_data(self._upstream(inputs, will_run), cfg)
+        for dep in reversed(inputs):
+            if dep not in will_run and self.is_done(dep):
+                self.verify(dep)
         if stage not in STAGE_DIRS:
             return "fresh", []
         state = self.state(stage)
@@ -300,6 +404,7 @@ class RunDir:
             raise RunDirError(f"{self.stage_dir(stage)} already holds {kind} {stage} stage; "
                               f"pass --resume to continue or keep it, --force to redo it (old "
                               f"output is kept aside), or choose another run directory")
+        self._check_data({stage}, cfg)
         recorded = self.lineage(stage)
         for dep in INPUTS[stage]:
             if dep in will_run:
@@ -321,6 +426,7 @@ class RunDir:
         are dropped.
         """
         if stage in STAGE_DIRS and status == "fresh":
+            read = self._read_by(stage, cfg)  # a folder that cannot be listed: nothing moved
             folder = self.stage_dir(stage)
             state = self.state(stage)
             dropped = self._trim_log(stage, 0)
@@ -335,7 +441,11 @@ class RunDir:
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             inputs = {dep: self.output_digest(dep) for dep in INPUTS[stage]}
-            write_json(self.lineage_path(stage), {"inputs": inputs, "config": cfg})
+            for key, current in read.items():  # each file's row, for the messages
+                self.save_array(self._table_path(stage, key), current.table)
+            data = {key: current.record() for key, current in read.items()}
+            write_json(self.lineage_path(stage), {"inputs": inputs, "config": cfg,
+                                                  **({"data": data} if data else {})})
         elif stage in STAGE_DIRS and status == "resume":
             from scanclust.checkpoint import checkpoint_epoch
 
@@ -343,14 +453,42 @@ class RunDir:
             write_json(self.lineage_path(stage), {**self.lineage(stage), "config": cfg})
         if status != "done":
             self.write_text(self.config_path,
-                            yaml.safe_dump(cfg, sort_keys=False))
+                            yaml.safe_dump(self._as_kept(cfg), sort_keys=False))
+
+    def _as_kept(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``cfg`` with the epochs each kept finished stage ran with.
+
+        More epochs for a finished stage are not applied (``compare_configs`` warns); written to
+        config.yaml they would be the next call's config, and its warning again.
+        """
+        kept = dict(cfg)
+        for stage in ("pretext", "scan", "selflabel"):
+            section = kept.get(stage)
+            if not isinstance(section, dict) or not self._kept(stage):
+                continue
+            ran = self.lineage(stage).get("config", {}).get(stage, {}).get("epochs")
+            if isinstance(ran, int) and section.get("epochs") != ran:
+                kept[stage] = {**section, "epochs": ran}
+        return kept
+
+    def _kept(self, stage: str) -> bool:
+        """Finished, and built from the current output of its inputs (back to pretext)."""
+        if not self.is_done(stage):
+            return False
+        try:
+            inputs = read_json(self.lineage_path(stage)).get("inputs", {})
+        except (OSError, RunDirError, AttributeError):
+            return False
+        return all(self._kept(dep) and inputs.get(dep) == self.output_digest(dep)
+                   for dep in INPUTS[stage])
 
     def finish(self, stage: str, summary: dict[str, Any]) -> None:
         """Record the output's hash, then the summary that marks the stage finished (with the
         number of processes that made it)."""
         path = self.lineage_path(stage)
         recorded = read_json(path) if path.is_file() else {}
-        write_json(path, {**recorded, "output": self.output_digest(stage)})
+        write_json(path, {**recorded, "output": self.output_digest(stage),
+                          "files": self.output_files(stage)})
         summary["world_size"] = distributed.world_size()
         write_json(self.summary_path(stage), summary)
 
@@ -461,6 +599,8 @@ def _release(key: str) -> None:
     entry = _HELD.pop(key, None)
     if entry is None:
         return
+    if not _HELD:  # the call is over: the next one lists the folders again
+        _FOLDERS.clear()
     fd, created = entry
     Path(key, LOCK_NAME).unlink(missing_ok=True)  # removed while still held: see ``lock``
     os.close(fd)  # ends the record lock
@@ -481,6 +621,43 @@ def _read_holder(fd: int) -> str:
             return text
         time.sleep(0.01)
     return "(unknown PID)"
+
+
+def _data_config(cfg: dict[str, Any]) -> DataConfig | None:
+    """The ``data`` section as a DataConfig, or None where it names no files of its own."""
+    section = cfg.get("data")
+    if not isinstance(section, dict) or section.get("dataset") not in ("folder", *IMAGENET):
+        return None
+    return DataConfig(**section)
+
+
+def _reads(stage: str, cfg: dict[str, Any], data: DataConfig) -> dict[str, Path]:
+    """The folders ``stage`` reads, by lineage key (pretext reads none unless it trains)."""
+    if stage == "pretext" and cfg.get("pretext", {}).get("method", "simclr") != "simclr":
+        return {}
+    return {k: v for split in READS[stage] for k, v in sources(data, split).items()}
+
+
+def _fingerprint(data: DataConfig, key: str) -> Fingerprint:
+    """The folder's fingerprint, listed once per call (see ``_FOLDERS``)."""
+    if not _HELD:  # no call to span: list it now
+        return fingerprint(data, key)
+    folder = {**sources(data, "train"), **sources(data, "val")}[key]
+    cache = (data.dataset, str(folder.resolve()), key)
+    if cache not in _FOLDERS:
+        _FOLDERS[cache] = fingerprint(data, key)
+    return _FOLDERS[cache]
+
+
+def _files(count: Any) -> str:
+    return f"{count} file" + ("" if count == 1 else "s")
+
+
+def _setting(key: str, data: DataConfig) -> str:
+    """The folder behind a lineage key in the user's terms: ``data.root=/x`` (``(train/)``)."""
+    name, _, sub = key.partition("/")
+    value = data.val_root if name == "data.val_root" else data.root
+    return f"{name}={value}" + (f" ({sub}/)" if sub else "")
 
 
 def file_digest(path: Path) -> str:

@@ -15,6 +15,7 @@ import scanclust
 from scanclust.cli import main
 from scanclust.folder import cluster, parse_clusters, parse_k_range, plan
 from scanclust.config import ConfigError, load_config
+from scanclust.rundir import RunDirError
 from tests.conftest import CLUSTER_TINY, write_digit_folder
 
 
@@ -104,6 +105,60 @@ def test_resume_keeps_the_trained_stages(folder_run: tuple[Path, Path, list[str]
                       overrides=CLUSTER_TINY, resume=True)
     assert checkpoint.stat().st_mtime_ns == before
     assert summary["num_images"] == 60 and summary["num_skipped"] == 3
+
+
+def _digit_png(path: Path, index: int) -> None:
+    """Another digit's pixels under the same name, written a second later than the last."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    old = path.stat().st_mtime_ns
+    image = (load_digits().images[index] * 255 / 16).astype("uint8")
+    Image.fromarray(image).resize((16, 16)).save(path, format="PNG")
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+
+
+def test_a_changed_folder_is_refused_and_an_unchanged_one_resumes(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture
+                                                                  ) -> None:
+    folder, out = tmp_path / "photos", tmp_path / "run"
+    write_digit_folder(folder, nested=False)
+    cluster(folder, out, clusters=3, preset="quick", overrides=CLUSTER_TINY)
+    refused = (f"the images in FOLDER {folder.resolve()} changed since the pretext stage of "
+               f"{out} read them ({{}}); run again with --force to redo every stage (the old "
+               f"output is kept aside), or into a new --out")
+    extra, gone = folder / "extra.png", folder / "1_05.png"
+    extra.write_bytes(gone.read_bytes())
+    with pytest.raises(RunDirError) as err:
+        cluster(folder, out, clusters=3, preset="quick", overrides=CLUSTER_TINY, resume=True)
+    assert str(err.value) == refused.format("0 files changed, 1 added, 0 removed")
+    kept, stat = gone.read_bytes(), gone.stat()
+    extra.unlink()
+    gone.unlink()
+    with pytest.raises(RunDirError) as err:
+        cluster(folder, out, clusters=3, preset="quick", overrides=CLUSTER_TINY, resume=True)
+    assert str(err.value) == refused.format("0 files changed, 0 added, 1 removed")
+
+    gone.write_bytes(kept)  # the folder as it was: the stages are kept
+    os.utime(gone, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    checkpoint = out / "selflabel" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    cluster(folder, out, clusters=3, preset="quick", overrides=CLUSTER_TINY, resume=True)
+    assert checkpoint.stat().st_mtime_ns == before
+
+    for i, name in enumerate(("0_03.png", "0_04.png", "1_03.png", "7_04.png")):
+        _digit_png(folder / name, 100 + i)  # same count, same names, other pixels
+    scan_before = (out / "scan" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["scan", "--out", str(out), "--force"]) == 2
+    assert capsys.readouterr().err == (
+        f"scanclust: error: the images under data.root={folder.resolve()} changed since the "
+        f"pretext stage read them (4 files changed, 0 added, 0 removed); redo the run from "
+        f"pretext: `scanclust pretext --out {out} --force`, then the stages after it\n")
+    assert (out / "scan" / "checkpoint.pt").read_bytes() == scan_before
+    assert not list(out.glob("scan.old-*"))
+    with pytest.raises(RunDirError, match=r"\(4 files changed, 0 added, 0 removed\)"):
+        cluster(folder, out, clusters=3, preset="quick", overrides=CLUSTER_TINY, resume=True)
 
 
 def test_labelled_run_reports_metrics_and_confusion(tmp_path: Path) -> None:

@@ -140,7 +140,8 @@ def test_wrong_type_in_the_file_still_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_seed_outside_what_every_generator_accepts_is_an_error(seed: int) -> None:
     """scikit-learn's k-means takes seeds in 0 .. 2**32 - 1; catch it before training."""
-    with pytest.raises(ConfigError, match=r"config key 'seed': .* outside 0 .. 2\*\*32 - 1"):
+    with pytest.raises(ConfigError, match=r"config key 'seed' in the overrides: .* outside "
+                                          r"0 .. 2\*\*32 - 1"):
         load_config("demo", [f"seed={seed}"])
     assert load_config("demo", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
 
@@ -153,12 +154,13 @@ def test_non_finite_numbers_are_refused(value: str) -> None:
 
 
 def test_zero_std_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'data.std': must be positive"):
+    with pytest.raises(ConfigError, match="'data.std' in the overrides: must be positive"):
         load_config("demo", ["data.std=[0.5, 0, 0.5]"])
 
 
 def test_weights_file_without_the_weights_method_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="'pretext.weights': is set, but pretext.method=simclr"):
+    with pytest.raises(ConfigError, match="'pretext.weights' in the overrides: is set, but "
+                                           "pretext.method=simclr"):
         load_config("cifar10", ["pretext.weights=moco.pth"])
     assert load_config("cifar10", ["pretext.weights=moco.pth",
                                    "pretext.method=weights"]).pretext.weights == "moco.pth"
@@ -232,3 +234,33 @@ def test_a_config_file_composed_from_a_base(tmp_path: Path) -> None:
     (tmp_path / "mine.yaml").write_text("base: more.yaml\n")
     with pytest.raises(ConfigError, match=r"mine.yaml: 'base: more.yaml' leads back to itself"):
         load_config(tmp_path / "more.yaml")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("Scan.epochs=3", "unknown config key 'Scan' in the overrides; did you mean 'scan'?"),
+    ("scan.epochz.x=3", "unknown config key 'scan.epochz' in the overrides; did you mean "
+                        "'scan.epochs'?"),
+    ("scan.epochs=-1", "config key 'scan.epochs' in the overrides: must be >= 0"),
+    ("data.std=[0,0,0]", "config key 'data.std' in the overrides: must be positive (it divides)"),
+    ("data.std=[1,2]", "config key 'data.std' in the overrides: needs three values (RGB)"),
+    ("scan.optim.lr=abc", "config key 'scan.optim.lr' in the overrides: expected a finite "
+                          "float, got 'abc'"),
+    ("scan=3", "config key 'scan' in the overrides: expected a mapping, got 3"),
+])
+def test_every_message_about_a_typed_value_names_the_overrides(override: str,
+                                                              expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert str(err.value) == expected
+
+
+def test_a_refused_file_value_names_the_file_and_a_default_names_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("scan:\n  epochs: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["scan.batch_size=8"])
+    assert str(err.value) == f"config key 'scan.epochs' in {path}: must be >= 0"
+    with pytest.raises(ConfigError) as err:  # typed method, default (unset) weights
+        load_config(None, ["pretext.method=weights"])
+    assert str(err.value) == ("config key 'pretext.weights': pretext.method=weights needs a "
+                              "weights file")

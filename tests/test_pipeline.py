@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import scanclust
 import scanclust.stages.pretext as pretext_module
@@ -344,6 +345,23 @@ def test_redone_pretext_makes_later_stages_refuse_until_redone(finished_run: Pat
         scanclust.evaluate("demo", run, overrides=TINY)
 
 
+def test_after_a_redone_pretext_every_reader_names_mine(finished_run: Path,
+                                                       tmp_path: Path) -> None:
+    """Not scan: ``scan --force`` would itself be refused until mine is redone."""
+    run = copy_run(finished_run, tmp_path / "run")
+    scanclust.pretext("demo", run, overrides=TINY, force=True)
+    expected = (f"{run}/neighbors was built from another pretext output than the one in "
+                f"{run}/pretext (pretext was redone or replaced since); redo it with `scanclust "
+                f"mine --out {run} --force` (its old output is kept aside), then the stages "
+                f"after it")
+    for call in (lambda: scanclust.evaluate("demo", run, overrides=TINY),
+                 lambda: scanclust.scan("demo", run, overrides=TINY, force=True),
+                 lambda: scanclust.load(run)):  # predict: the final model is built on it
+        with pytest.raises(RunDirError) as err:
+            call()
+        assert str(err.value) == expected
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_run(finished_run: Path, tmp_path: Path) -> None:
     """Same shapes, another seed: only the lineage tells the checkpoints apart."""
     ours = copy_run(finished_run, tmp_path / "ours")
@@ -377,6 +395,14 @@ def test_resume_with_other_epoch_counts(finished_run: Path, tmp_path: Path,
         scanclust.run("demo", run, overrides=TINY + ["scan.epochs=3"], resume=True)
     assert "scan finished with 2 epochs; scan.epochs=3 is not applied" in caplog.text
     assert load_checkpoint(run / "scan" / "checkpoint.pt")["epoch"] == 2
+    config = run / "config.yaml"
+    assert yaml.safe_load(config.read_text())["scan"]["epochs"] == 2  # as the kept stage ran
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scanclust"):
+        scanclust.run(None, run, resume=True)  # from config.yaml: nothing to warn about
+    assert "not applied" not in caplog.text
+    scanclust.selflabel(None, run, overrides=["scan.epochs=3"], force=True)
+    assert yaml.safe_load(config.read_text())["scan"]["epochs"] == 2
 
 
 def test_more_epochs_continue_an_unfinished_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -422,8 +448,9 @@ def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path
 
 @pytest.mark.parametrize("args, expected", [
     (["--seeds", "0"], "--seeds 0: needs at least 1 seed"),
-    (["seed=-1"], "config key 'seed': -1 is outside"),
-    (["pretext.weights=x.pth"], "pretext.weights': is set, but pretext.method=simclr"),
+    (["seed=-1"], "config key 'seed' in the overrides: -1 is outside"),
+    (["pretext.weights=x.pth"],
+     "pretext.weights' in the overrides: is set, but pretext.method=simclr"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     result = quick_cli("run", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, *args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 from PIL import Image
 
 import scanclust
+from scanclust.checkpoint import load_checkpoint, save_checkpoint
 from scanclust.cli import main
-from scanclust.data import images as I
 from scanclust.clusterer import PredictError
+from scanclust.data import images as I
+from scanclust.rundir import RunDirError
 
 
 def test_inputs_accepted_and_consistent(folder_run: tuple[Path, Path, list[str]]) -> None:
@@ -129,3 +132,26 @@ def test_empty_image_is_a_one_line_error(folder_run: tuple[Path, Path, list[str]
     pixels = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(PredictError, match=r"^cannot read item 1 \(a PIL image of 0x5 pixels\)"):
         scanclust.load(folder_run[1]).predict([pixels, Image.new("RGB", (0, 5))])
+
+
+def test_a_checkpoint_copied_in_is_refused(folder_run: tuple[Path, Path, list[str]],
+                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same shapes, other weights: as ``evaluate`` and ``report``, predict verifies the stage."""
+    folder, out, readable = folder_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, symlinks=True)
+    checkpoint = run / "selflabel" / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, "selflabel")
+    key = next(iter(state["model"]))
+    state["model"][key] = state["model"][key] + 1
+    save_checkpoint(checkpoint, "selflabel", state)
+    expected = (f"{run}/selflabel: checkpoint.pt changed after the selflabel stage wrote it "
+                f"(replaced by hand, or copied from another run?); redo it with `scanclust "
+                f"selflabel --out {run} --force` (its old output is kept aside)")
+    with pytest.raises(RunDirError) as err:
+        scanclust.load(run)
+    assert str(err.value) == expected
+    capsys.readouterr()
+    assert main(["predict", str(run), str(folder / readable[0])]) == 2
+    assert capsys.readouterr().err == f"scanclust: error: {expected}\n"
+    assert scanclust.load(out).stage == "selflabel"  # the run it came from still loads

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 import scanclust.rundir as rundir
 from scanclust.checkpoint import save_checkpoint
@@ -161,6 +162,202 @@ def test_pipeline_plan_refuses_kept_output_of_a_stage_it_will_redo(tmp_path: Pat
     finished(run, "mine")
     with pytest.raises(RunDirError, match="this call redoes or continues pretext"):
         run.plan("mine", CFG, resume=True, force=False, will_run={"pretext"})
+
+
+def test_refusal_names_the_earliest_stage_to_redo(tmp_path: Path) -> None:
+    """After pretext --force, scan and evaluate advise redoing mine (scan --force would be
+    refused itself until mine is redone)."""
+    run = RunDir(tmp_path / "run")
+    for stage in ("pretext", "mine", "scan", "selflabel"):
+        finished(run, stage, f"{stage} v1".encode())
+    finished(run, "pretext", b"pretext v2")
+    for stage in ("scan", "selflabel", "evaluate"):
+        with pytest.raises(RunDirError) as err:
+            RunDir(run.root).plan(stage, CFG, resume=True, force=False)
+        assert str(err.value) == (
+            f"{run.root}/neighbors was built from another pretext output than the one in "
+            f"{run.root}/pretext (pretext was redone or replaced since); redo it with "
+            f"`scanclust mine --out {run.root} --force` (its old output is kept aside), then the "
+            f"stages after it")
+
+
+def _finished_mine(run: RunDir) -> None:
+    started(run, "pretext")
+    run.checkpoint("pretext").write_bytes(b"weights")
+    run.finish("pretext", {"seconds": 1.0})
+    started(run, "mine")
+    for name in OUTPUTS["mine"]:
+        (run.stage_dir("mine") / name).write_bytes(name.encode())
+    run.finish("mine", {"seconds": 1.0})
+
+
+def test_a_replaced_output_file_is_named_alone(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    _finished_mine(run)
+    run.neighbors("train").write_bytes(b"neighbours of another run")
+    with pytest.raises(RunDirError) as err:
+        run.plan("scan", CFG, resume=False, force=False)
+    assert str(err.value) == (
+        f"{run.root}/neighbors: train.npy changed after the mine stage wrote it (replaced by "
+        f"hand, or copied from another run?); redo it with `scanclust mine --out {run.root} "
+        f"--force` (its old output is kept aside), then the stages after it")
+    run.features("val").unlink()
+    with pytest.raises(RunDirError, match=r"wrote it \(replaced by hand, or copied from another "
+                                          r"run\?\); features_val.npy is missing; redo it"):
+        RunDir(run.root).plan("scan", CFG, resume=False, force=False)
+
+
+def test_a_lineage_without_file_hashes_names_every_output_file(tmp_path: Path) -> None:
+    """Written before per-file hashes: the message cannot tell which file changed."""
+    run = RunDir(tmp_path / "run")
+    _finished_mine(run)
+    lineage = json.loads(run.lineage_path("mine").read_text())
+    del lineage["files"]
+    write_json(run.lineage_path("mine"), lineage)
+    run.neighbors("train").write_bytes(b"neighbours of another run")
+    with pytest.raises(RunDirError, match="neighbors: train.npy, val.npy, features_train.npy, "
+                                          "features_val.npy, targets_train.npy, targets_val.npy "
+                                          "changed after the mine stage wrote them"):
+        run.plan("scan", CFG, resume=False, force=False)
+
+
+# --- the images a stage read ------------------------------------------------------------------
+
+def _image_folder(folder: Path, count: int = 40) -> dict:
+    """``count`` files with image names (nothing decodes them here) and a folder config."""
+    (folder / "sub").mkdir(parents=True)
+    for i in range(count):
+        (folder / ("sub" if i % 2 else "") / f"img_{i:02d}.png").write_bytes(b"v1 %d" % i)
+    return _cfg("data.dataset=folder", f"data.root={folder}", "model.num_clusters=3")
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """New bytes and a new modification time, as an editor or a copy leaves them."""
+    stat = path.stat()
+    path.write_bytes(content)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_replaced_added_and_removed_images_are_refused_naming_the_first_reader(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    cfg = _image_folder(folder)
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext", cfg=cfg)
+    finished(run, "mine", cfg=cfg)
+    assert run.lineage("pretext")["data"]["data.root"]["files"] == 40
+    assert run.plan("scan", cfg, resume=False, force=False) == ("fresh", [])  # unchanged
+    for name in ("img_00.png", "sub/img_01.png", "img_02.png", "sub/img_03.png"):
+        _replace(folder / name, b"another photo")
+    with pytest.raises(RunDirError) as err:
+        RunDir(run.root).plan("scan", cfg, resume=False, force=True)
+    assert str(err.value) == (
+        f"the images under data.root={folder} changed since the pretext stage read them "
+        f"(4 files changed, 0 added, 0 removed); redo the run from pretext: `scanclust pretext "
+        f"--out {run.root} --force`, then the stages after it")
+    (folder / "new.jpg").write_bytes(b"new")
+    (folder / "img_10.png").unlink()
+    with pytest.raises(RunDirError, match=r"\(4 files changed, 1 added, 1 removed\)"):
+        RunDir(run.root).plan("mine", cfg, resume=True, force=False)
+    with pytest.raises(RunDirError, match="since the pretext stage read them"):
+        RunDir(run.root).plan("pretext", cfg, resume=True, force=False)  # keeping it: refused
+    assert run.plan("pretext", cfg, resume=False, force=True) == ("fresh", [])
+    run.stage_dir("pretext").joinpath("images-root.npy").unlink()  # counts only, then
+    with pytest.raises(RunDirError, match=r"\(40 files then, 40 now\)"):
+        RunDir(run.root).plan("mine", cfg, resume=True, force=False)
+
+
+def test_a_refusal_for_changed_images_writes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    cfg = _image_folder(folder)
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext", cfg=cfg)
+    (folder / "new.png").write_bytes(b"new")
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    run.lock()
+    with pytest.raises(RunDirError, match="0 files changed, 1 added, 0 removed"):
+        run.plan("mine", cfg, resume=False, force=False)
+    run.release()
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
+
+
+def test_images_are_listed_once_per_call(tmp_path: Path) -> None:
+    """While the lock is held the first listing stands; the next call lists the folder again."""
+    folder = tmp_path / "photos"
+    cfg = _image_folder(folder)
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext", cfg=cfg)
+    run.lock()
+    assert run.plan("mine", cfg, resume=False, force=False) == ("fresh", [])
+    (folder / "new.png").write_bytes(b"new")
+    assert run.plan("mine", cfg, resume=False, force=False) == ("fresh", [])
+    run.release()
+    run.lock()
+    with pytest.raises(RunDirError, match="1 added"):
+        run.plan("mine", cfg, resume=False, force=False)
+    run.release()
+
+
+def test_a_lineage_without_a_fingerprint_compares_nothing(tmp_path: Path) -> None:
+    """Run directories written before fingerprints existed keep working, unchecked."""
+    folder = tmp_path / "photos"
+    cfg = _image_folder(folder)
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext", cfg=cfg)
+    lineage = json.loads(run.lineage_path("pretext").read_text())
+    del lineage["data"]
+    write_json(run.lineage_path("pretext"), lineage)
+    (folder / "new.png").write_bytes(b"new")
+    assert run.plan("mine", cfg, resume=False, force=False) == ("fresh", [])
+    assert run.plan("pretext", cfg, resume=True, force=False) == ("done", [])
+
+
+def test_data_sets_without_files_of_their_own_record_no_fingerprint(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext")  # digits
+    assert "data" not in run.lineage("pretext")
+    assert not list(run.stage_dir("pretext").glob("images-*"))
+
+
+def test_imagenet_subset_fingerprints_only_its_class_folders(tmp_path: Path) -> None:
+    from scanclust.data.datasets import _subset_classes
+
+    wnids = _subset_classes("imagenet_50")[0]
+    for split in ("train", "val"):
+        for wnid in wnids + ["n99999999"]:  # one class outside the subset
+            (tmp_path / "in" / split / wnid).mkdir(parents=True)
+            (tmp_path / "in" / split / wnid / f"{wnid}_0.JPEG").write_bytes(b"jpeg")
+    cfg = _cfg("data.dataset=imagenet_50", f"data.root={tmp_path / 'in'}")
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext", cfg=cfg)
+    finished(run, "mine", cfg=cfg)
+    assert sorted(run.lineage("mine")["data"]) == ["data.root/train", "data.root/val"]
+    (tmp_path / "in" / "train" / "n99999999" / "more.JPEG").write_bytes(b"jpeg")
+    assert run.plan("scan", cfg, resume=False, force=False) == ("fresh", [])
+    _replace(tmp_path / "in" / "val" / wnids[3] / f"{wnids[3]}_0.JPEG", b"other")
+    with pytest.raises(RunDirError, match=rf"the images under data.root={tmp_path / 'in'} "
+                                          r"\(val/\) changed since the mine stage read them "
+                                          r"\(1 file changed, 0 added, 0 removed\); redo the "
+                                          r"run from mine"):
+        RunDir(run.root).plan("scan", cfg, resume=False, force=False)
+
+
+def test_config_yaml_keeps_the_epochs_a_kept_stage_ran_with(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    finished(run, "pretext")
+    finished(run, "mine")
+    finished(run, "scan", cfg=_cfg("scan.epochs=6"))
+    more = _cfg("scan.epochs=8", "selflabel.epochs=3")
+    status, notes = run.plan("scan", more, resume=True, force=False)
+    assert (status, notes) == ("done", ["scan finished with 6 epochs; scan.epochs=8 is not "
+                                        "applied (redo the stage with --force to train 8)"])
+    run.start("selflabel", "fresh", more)  # applies selflabel.epochs=3, not scan.epochs=8
+    written = yaml.safe_load(run.config_path.read_text())
+    assert (written["scan"]["epochs"], written["selflabel"]["epochs"]) == (6, 3)
+    assert run.plan("scan", written, resume=True, force=False) == ("done", [])
+    finished(run, "pretext", b"redone")  # scan is stale now: its value is the user's to set
+    run.start("evaluate", "fresh", more)
+    assert yaml.safe_load(run.config_path.read_text())["scan"]["epochs"] == 8
 
 
 # --- the config of a resumed stage --------------------------------------------------------------

@@ -340,6 +340,13 @@ def _imagenet(cfg: DataConfig, split: str) -> FileDataset:
     first (the usual ``valprep.sh``), as most users already have them. Full ImageNet labels
     follow the sorted wnids of ``train/``; a subset keeps the order of its class list.
     """
+    paths, targets, classes = imagenet_files(cfg, split)
+    return FileDataset(f"{cfg.dataset}/{split}", paths, np.array(targets), classes)
+
+
+def imagenet_files(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of an ImageNet split, their labels and the class names (a listing,
+    nothing decoded: the run directory fingerprints the same files)."""
     root = Path(cfg.root)
     base = root / ("val" if split == "val" else "train")
     if cfg.dataset == "imagenet":
@@ -363,7 +370,7 @@ def _imagenet(cfg: DataConfig, split: str) -> FileDataset:
         targets += [label] * len(images)
     if not paths:
         raise DatasetError(f"data.root={root}: {base} contains no class folders")
-    return FileDataset(f"{cfg.dataset}/{split}", paths, np.array(targets), classes)
+    return paths, targets, classes
 
 
 def _require_dir(folder: Path, root: Path) -> None:
@@ -379,14 +386,9 @@ def _subset_classes(name: str) -> tuple[list[str], list[str]]:
     return [r[0] for r in rows], [r[1] if len(r) > 1 else r[0] for r in rows]
 
 
-def _scan_folder(folder: Path, key: str, labels_from_folders: bool
-                 ) -> tuple[Listing, list[str] | None, list[int]]:
-    """The listing, class names and per-image class positions of a user's folder.
-
-    With ``labels_from_folders`` a folder whose subfolders hold images is a labelled tree (one
-    class per immediate subfolder, sorted by name, images anywhere below it); a flat folder is
-    unlabelled either way. Without it every image below the folder is one unlabelled pool.
-    """
+def list_folder(folder: Path, key: str) -> Listing:
+    """The images below the folder that setting ``key`` names; a one-line error naming the
+    setting where there are none (the run directory fingerprints the same listing)."""
     if not folder.exists():
         raise DatasetError(f"{key}={folder} does not exist")
     if not folder.is_dir():
@@ -401,6 +403,18 @@ def _scan_folder(folder: Path, key: str, labels_from_folders: bool
             if listing.skipped else ""
         raise DatasetError(f"{key}={folder} contains no images (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)} in it and its subfolders){found}")
+    return listing
+
+
+def _scan_folder(folder: Path, key: str, labels_from_folders: bool
+                 ) -> tuple[Listing, list[str] | None, list[int]]:
+    """The listing, class names and per-image class positions of a user's folder.
+
+    With ``labels_from_folders`` a folder whose subfolders hold images is a labelled tree (one
+    class per immediate subfolder, sorted by name, images anywhere below it); a flat folder is
+    unlabelled either way. Without it every image below the folder is one unlabelled pool.
+    """
+    listing = list_folder(folder, key)
     parts = [path.relative_to(folder).parts for path in listing.paths]
     nested = [p for p in parts if len(p) > 1]
     if not labels_from_folders or not nested:
