@@ -21,7 +21,7 @@ from torch import nn
 from scanclust import distributed
 from scanclust.config import TEXT_READING
 from scanclust.errors import UserError
-from scanclust.rundir import atomic_write
+from scanclust.files import atomic_write
 
 FORMAT_VERSION = 2
 

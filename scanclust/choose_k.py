@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scanclust.rundir import atomic_write
+from scanclust.files import atomic_write
 
 CRITERIA = ("modularity", "silhouette")
 

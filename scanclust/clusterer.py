@@ -22,11 +22,13 @@ from PIL import Image
 
 from scanclust.config import Config, load_config
 from scanclust.data import batch_augment as B
-from scanclust.data.images import (ImageReadError, decode_square, escape_name, iter_decoded,
-                                   list_images, resize_square, to_rgb)
+from scanclust.data.decoding import iter_decoded
+from scanclust.data.images import (ImageReadError, decode_square, escape_name, list_images,
+                                   resize_square, to_rgb)
 from scanclust.errors import UserError
 from scanclust.models import ClusterModel
-from scanclust.rundir import RunDir, atomic_write
+from scanclust.files import atomic_write
+from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, resolve_device
 from scanclust.checkpoint import CheckpointError
 from scanclust.models.saved import CLUSTER_STAGES, final_stage, load_cluster_model

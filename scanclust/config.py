@@ -1,28 +1,23 @@
-"""Typed configuration: one dataclass per section, loaded from YAML with command-line overrides.
+"""Typed configuration: one dataclass per section, loaded from YAML with command-line overrides
+(``config_files.py``), then checked for ranges and choices (``validate``).
 
-The dataclass defaults are the paper's CIFAR-10 settings; the YAML files in ``configs/`` state
-every value explicitly so that a reader sees the recipe without reading code. Unknown keys and
-wrong types are errors that name the key, because a silently ignored typo (``scan.epoch=10``)
-would cost a user a day of GPU time.
+The dataclass defaults are the paper's CIFAR-10 settings; ``configs/cifar10.yaml`` states every
+value explicitly so that a reader sees the recipe without reading code, and the other built-in
+configs are the changes to it (or to ``imagenet_50``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import yaml
-
-from scanclust.errors import UserError
-
-CONFIG_DIR = Path(__file__).parent / "configs"
+from scanclust.config_files import CONFIG_DIR, builtin_configs  # noqa: F401 - re-exported
+from scanclust.config_files import (Origin, build, compose, deep_copy, dotted_keys,
+                                    parse_overrides, resolve_path, set_dotted)
+from scanclust.errors import ConfigError  # noqa: F401 - re-exported: scanclust.ConfigError
 
 DATASETS = ("cifar10", "cifar20", "stl10", "imagenet", "imagenet_50", "imagenet_100",
             "imagenet_200", "folder", "digits")
@@ -46,10 +41,6 @@ TEXT_READING: dict[str, Any] = {
     "scan.partner": "neighbors", "scan.selection_entropy_weight": None,
     "scan.selection_neighbors": None, "scan.selection_self": False,
 }
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem; the message names the offending key or file."""
 
 
 @dataclass
@@ -241,10 +232,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def builtin_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
 def load_config(source: str | Path | dict | Config | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Build a validated Config from a built-in name, a YAML path, a dict or a Config.
@@ -260,249 +247,20 @@ def load_config(source: str | Path | dict | Config | None = None,
     elif source is None:
         data, origin = {}, "defaults"
     else:
-        path = _resolve_path(source)
+        path = resolve_path(source)
         origin = str(path)
         data, files = compose(path)
-    data = _deep_copy(data)
-    parsed = _parse_overrides(overrides)
-    where = _Origin(origin, set(parsed), _dotted_keys(data), files)
+    data = deep_copy(data)
+    parsed = parse_overrides(overrides)
+    where = Origin(origin, set(parsed), dotted_keys(data), files)
     for key, value in parsed.items():
-        _set_dotted(data, key, value)
-    cfg = _build(Config, data, prefix="", origin=where)
+        set_dotted(data, key, value)
+    cfg = build(Config, data, prefix="", origin=where)
     try:
         validate(cfg)
     except _InvalidValue as err:
         raise ConfigError(f"config key '{err.key}'{where.clause(err.key)}: {err.message}") from None
     return cfg
-
-
-def compose(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
-    """A config file's settings over those of its ``base`` (a built-in config name, or a file
-    path relative to this file), recursively; and which file each setting came from.
-
-    The built-in configs are one recipe per data set written as the changes to another
-    (cifar20 and stl10 over cifar10, imagenet_100 over imagenet_50, ...), so a reader sees
-    what differs, and ``scanclust config NAME`` prints the whole result.
-    """
-    data = read_yaml(path)
-    base = data.pop("base", None)
-    files = {key: str(path) for key in _leaves(data)}
-    if base is None:
-        return data, files
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'base' names a built-in config or a YAML file, got {base!r}")
-    local = path.parent / base
-    base_path = local if local.suffix in (".yaml", ".yml") and local.is_file() \
-        else _resolve_path(base)
-    if base_path.resolve() in (p.resolve() for p in (*_chain, path)):
-        raise ConfigError(f"{path}: 'base: {base}' leads back to itself")
-    merged, base_files = compose(base_path, (*_chain, path))
-    _merge(merged, data)
-    return merged, {**base_files, **files}
-
-
-def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
-    return [leaf for key, value in data.items()
-            for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict)
-                         else [f"{prefix}{key}"])]
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A config file's mapping. An empty file is an error, not the defaults: the defaults are
-    CIFAR-10's and would start a download the user never asked for."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        # YAML is UTF-8; config.yaml holds a folder name that is not as "\uDCE9" (byte 0xE9)
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
-                          f"offset {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
-    if data is None:
-        raise ConfigError(f"{path} is empty (or only comments); give a config's settings, or a "
-                          f"built-in config name ({', '.join(builtin_configs())})")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of section: settings at the top level, "
-                          f"got {type(data).__name__}")
-    return data
-
-
-def _resolve_path(source: str | Path) -> Path:
-    path = Path(source)
-    if path.is_file():
-        return path
-    builtin = CONFIG_DIR / f"{source}.yaml"
-    if not path.suffix and builtin.is_file():
-        return builtin
-    raise ConfigError(f"config {str(source)!r} is neither a file nor a built-in config "
-                      f"({', '.join(builtin_configs())})")
-
-
-def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    parsed = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            parsed[key.strip()] = raw
-    return parsed
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
-    """Every key of a nested mapping, sections included, as dotted paths."""
-    keys: set[str] = set()
-    if isinstance(data, dict):
-        for key, value in data.items():
-            keys.add(f"{prefix}{key}")
-            keys |= _dotted_keys(value, f"{prefix}{key}.")
-    return keys
-
-
-class _Origin:
-    """Where a key came from, for error messages: an override, or the config file (of a
-    composed config, the file that set it).
-
-    A key is typed when an override set it or a section above it, or when an override made it
-    (``Scan.epochs=3`` makes an unknown section ``Scan`` that no file holds).
-    """
-
-    def __init__(self, source: str, overridden: set[str], given: set[str],
-                 files: dict[str, str]) -> None:
-        self.source = source
-        self.overridden = overridden
-        self.given = given  # the keys the source itself holds
-        self.files = files  # of a composed file: the file that set each setting
-
-    def typed(self, key: str) -> bool:
-        return any(key == o or key.startswith(f"{o}.") for o in self.overridden) or (
-            key not in self.given and any(o.startswith(f"{key}.") for o in self.overridden))
-
-    def of(self, key: str) -> str:
-        return "the overrides" if self.typed(key) else self.files.get(key, self.source)
-
-    def clause(self, key: str) -> str:
-        """`` in <origin>`` for a key the overrides or the source set; nothing for a default."""
-        return f" in {self.of(key)}" if self.typed(key) or key in self.given else ""
-
-
-def _build(cls: type, data: Any, prefix: str, origin: _Origin) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} in "
-                          f"{origin.of(prefix.rstrip('.'))}: "
-                          f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(names)}"
-        raise ConfigError(f"unknown config key '{prefix}{key}' in "
-                          f"{origin.of(f'{prefix}{key}')}{hint}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}", origin)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str, origin: _Origin) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.", origin=origin)
-    origin_tp = typing.get_origin(tp)
-    if origin_tp in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key, origin)
-            except ConfigError:
-                continue
-        raise _type_error(key, tp, value, origin)
-    if origin_tp is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, tp, value, origin)
-        return [_coerce(item_tp, v, f"{key}[{i}]", origin) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value, origin)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value, origin)
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):  # an infinite lr is never meant
-            return number
-        raise _type_error(key, tp, value, origin)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _type_error(key, tp, value, origin)
-    return value
-
-
-def _type_error(key: str, tp: Any, value: Any, origin: _Origin) -> ConfigError:
-    name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-    name = "a finite float" if name == "float" else name
-    return ConfigError(f"config key '{key}' in {origin.of(key.split('[')[0])}: expected {name}, "
-                       f"got {value!r}")
 
 
 class _InvalidValue(ConfigError):

@@ -33,7 +33,7 @@ from scanclust.data.pipelines import (Augment, Batches, DataPath, FeaturePath, f
                                       num_batches)
 from scanclust.health import check_finite
 from scanclust.preflight import preflight
-from scanclust.rundir import RunDir
+from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import (autocast, capture_rng, channels_last, derive_seed, resolve_device,
                                restore_rng, seed_all)
 from scanclust.step import Batch, TrainStep
@@ -82,6 +82,33 @@ def begin_stage(stage: str, config: Config | str | Path | dict | None, out: str 
     if status == "done":
         log.info("%s: already done in %s", stage, run.root)
     return cfg, run, status
+
+
+StageBody = Callable[[Config, RunDir, str, torch.device], dict[str, Any]]
+
+
+def stage(name: str, needs: str | None = None) -> Callable[[StageBody], Callable[..., dict]]:
+    """A stage function ``name(config=None, out="runs/default", *, overrides=None,
+    resume=False, force=False) -> summary`` around ``body(cfg, run, status, device)``: the
+    run directory taken and the stage planned first (``begin_stage``), a finished stage's
+    summary returned as it is, the lock held until the outermost stage function returns."""
+
+    def decorate(body: StageBody) -> Callable[..., dict]:
+        @exclusive
+        def function(config: Config | str | Path | dict | None = None,
+                     out: str | Path = "runs/default", *,
+                     overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+                     force: bool = False) -> dict[str, Any]:
+            cfg, run, status = begin_stage(name, config, out, overrides, resume, force, needs)
+            if status == "done":
+                return run.summary(name)
+            return body(cfg, run, status, resolve_device(cfg.device))
+
+        for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(function, attr, getattr(body, attr))
+        return function
+
+    return decorate
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,

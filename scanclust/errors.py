@@ -7,3 +7,7 @@ keeps its traceback.
 
 class UserError(Exception):
     """A problem with the input, named in the message; not a bug in scanclust."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem; the message names the offending key or file."""

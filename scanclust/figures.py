@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from scanclust.rundir import atomic_write
+from scanclust.files import atomic_write
 
 DPI = 120
 ANNOTATE_MAX = 20  # beyond this many rows or columns the count labels overlap

@@ -35,7 +35,8 @@ from scanclust import distributed
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.data.images import ImageReadError, list_images, median_side
 from scanclust.errors import UserError
-from scanclust.rundir import STAGE_DIRS, RunDir, RunDirError, exclusive, read_json, write_json
+from scanclust.files import RunDirError, read_json, write_json
+from scanclust.rundir import STAGE_DIRS, RunDir, exclusive
 
 log = logging.getLogger("scanclust")
 

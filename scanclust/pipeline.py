@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from scanclust.config import Config, ConfigError, load_config
 from scanclust.metrics import mean_std
-from scanclust.rundir import RunDir, exclusive, read_json, write_json
+from scanclust.files import read_json, write_json
+from scanclust.rundir import RunDir, exclusive
 from scanclust.runtime import resolve_device
 from scanclust.stages.evaluate import evaluate
 from scanclust.stages.mine import mine

@@ -42,7 +42,8 @@ from scanclust.engine import begin_stage, log, predict_logits, prepare_model
 from scanclust.errors import UserError
 from scanclust.figures import cluster_prototypes
 from scanclust.models.saved import final_stage
-from scanclust.rundir import RunDir, atomic_write, read_json, write_json
+from scanclust.files import atomic_write, read_json, write_json
+from scanclust.rundir import RunDir
 
 STAGE = "report"
 PROTOTYPES = 5  # per cluster, listed in clusters.json and shown first in the report

@@ -320,7 +320,7 @@ def test_data_sets_without_files_of_their_own_record_no_fingerprint(tmp_path: Pa
 
 
 def test_imagenet_subset_fingerprints_only_its_class_folders(tmp_path: Path) -> None:
-    from scanclust.data.datasets import _subset_classes
+    from scanclust.data.sources import _subset_classes
 
     wnids = _subset_classes("imagenet_50")[0]
     for split in ("train", "val"):

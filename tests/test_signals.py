@@ -107,7 +107,7 @@ DECODE = """
 import multiprocessing, sys
 from pathlib import Path
 import numpy as np
-import scanclust.data.images as images
+import scanclust.data.decoding as images
 method, only, png, target, n = sys.argv[1:]
 multiprocessing.set_start_method(method)
 # with fork the workers inherit these: each way of ending with the parent is tested alone

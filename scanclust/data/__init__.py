@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"UNLABELED": "scanclust.data.datasets", "DatasetError": "scanclust.data.datasets",
-            "ImageDataset": "scanclust.data.datasets", "build_dataset": "scanclust.data.datasets",
+            "ImageDataset": "scanclust.data.datasets", "build_dataset": "scanclust.data.sources",
             "view_transform": "scanclust.data.transforms"}
 
 __all__ = sorted(_EXPORTS)

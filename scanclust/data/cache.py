@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scanclust.data.images import decode_into
+from scanclust.data.decoding import decode_into
+from scanclust.files import atomic_path
 
 log = logging.getLogger("scanclust")
 FORMAT = 1
@@ -71,22 +72,15 @@ def decoded_images(paths: list[Path], size: int, cache_dir: str | Path | None,
             failures = {int(k): v for k, v in meta["failures"].items()}
             images = np.load(array_path, mmap_mode="c")  # writable view, file never written
             return images[:len(paths) - len(failures)], failures
-    folder.mkdir(parents=True, exist_ok=True)
-    # Named per process: processes of one torchrun job that share a cache_dir each decode into
-    # their own file, and the renames leave one complete copy.
-    tmp = folder / f".{array_path.name}.{os.getpid()}.partial"
-    try:
+    # Each process decodes into its own temporary file (processes of one torchrun job may
+    # share a cache_dir); a failure or interrupt removes it (it can be as large as the folder).
+    with atomic_path(array_path) as tmp:
         images, failures = _decode(paths, size, tmp, progress, desc)
-    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the file can be as large as the folder
-        tmp.unlink(missing_ok=True)
-        raise
-    del images
-    os.replace(tmp, array_path)
+        del images
     meta = {"format": FORMAT, "size": size, "count": len(paths),
             "failures": {str(k): v for k, v in sorted(failures.items())}}
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(meta_tmp, meta_path)  # written last: its presence marks a complete cache
+    with atomic_path(meta_path) as tmp:  # written last: its presence marks a complete cache
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return decoded_images(paths, size, cache_dir, progress, desc)
 
 

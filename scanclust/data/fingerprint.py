@@ -54,7 +54,7 @@ def sources(data: DataConfig, split: str) -> dict[str, Path]:
 def fingerprint(data: DataConfig, key: str) -> Fingerprint:
     """The fingerprint of the files the data set reads for ``key`` (see ``sources``), from the
     data set's own listing, so a folder it refuses is refused here, before any work."""
-    from scanclust.data.datasets import imagenet_files, list_folder
+    from scanclust.data.sources import imagenet_files, list_folder
 
     if data.dataset == "folder":
         folder = Path(data.val_root if key == "data.val_root" else data.root)

@@ -27,7 +27,8 @@ from scanclust.figures import (cluster_prototypes, low_confidence_indices, plot_
 from scanclust.health import check_finite_array, collapse_warning
 from scanclust.metrics import cluster_metrics
 from scanclust.models import ClusterModel
-from scanclust.rundir import STAGES, RunDir, exclusive, write_json
+from scanclust.files import write_json
+from scanclust.rundir import STAGES, RunDir, exclusive
 from scanclust.models.saved import CLUSTER_STAGES, load_cluster_model
 from scanclust.preflight import clusters_of
 from scanclust.runtime import resolve_device

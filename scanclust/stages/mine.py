@@ -11,7 +11,6 @@ device), one block, and the N x K results: for ImageNet's 1.28M x 128 features w
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,13 +22,13 @@ from scanclust.checkpoint import load_checkpoint, load_state
 from scanclust.config import Config
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.pipelines import DataPath, data_path_for
-from scanclust.engine import begin_stage, infer, log, prepare_model
+from scanclust.engine import infer, log, prepare_model, stage
+from scanclust.rundir import RunDir
 from scanclust.health import check_finite_array
 from scanclust.knn import mine_neighbors
 from scanclust.models import build_contrastive_model
 from scanclust.preflight import check_topk
-from scanclust.rundir import exclusive, write_json
-from scanclust.runtime import resolve_device
+from scanclust.files import write_json
 
 STAGE = "mine"
 PURITY_KS = (1, 5, 20)
@@ -59,16 +58,10 @@ def _encoder(model: nn.Module, features: str, has_head: bool) -> Callable:
     return lambda x: F.normalize(model.backbone(x), dim=1)
 
 
-@exclusive
-def mine(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
-         overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-         force: bool = False) -> dict[str, Any]:
+@stage(STAGE, needs="pretext")
+def mine(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[str, Any]:
     """Extract features of the train and val splits, mine neighbours, report purity."""
-    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="pretext")
-    if status == "done":
-        return run.summary(STAGE)
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
     state = load_checkpoint(run.checkpoint("pretext"), "pretext")
     model = build_contrastive_model(cfg)
     load_state(model, state["model"], run.checkpoint("pretext"))

@@ -18,12 +18,12 @@ from scanclust.checkpoint import save_checkpoint
 from scanclust.config import Config
 from scanclust.data import build_dataset
 from scanclust.data.pipelines import Augment, Batch, data_path_for
-from scanclust.engine import Loop, begin_stage, prepare_model
+from scanclust.engine import Loop, prepare_model, stage
 from scanclust.losses import nt_xent
 from scanclust.models import ContrastiveModel, build_contrastive_model
 from scanclust.models.saved import load_backbone_weights
-from scanclust.rundir import RunDir, exclusive
-from scanclust.runtime import autocast, derive_seed, resolve_device, seed_all
+from scanclust.rundir import RunDir
+from scanclust.runtime import autocast, derive_seed, seed_all
 
 STAGE = "pretext"
 
@@ -50,15 +50,9 @@ class PretextLoop(Loop):
         return {"has_head": True}
 
 
-@exclusive
-def pretext(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
-            overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-            force: bool = False) -> dict[str, Any]:
+@stage(STAGE)
+def pretext(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[str, Any]:
     """Train the pretext model; returns the stage summary (also in ``pretext/summary.json``)."""
-    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force)
-    if status == "done":
-        return run.summary(STAGE)
-    device = resolve_device(cfg.device)
     seed_all(derive_seed(cfg.seed, STAGE, "init"))
     model = build_contrastive_model(cfg)
     if cfg.pretext.method != "simclr":

@@ -10,7 +10,6 @@ are kept.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -21,14 +20,14 @@ from scanclust.checkpoint import load_checkpoint, load_state
 from scanclust.config import Config, ConfigError, ScanConfig
 from scanclust.data import build_dataset
 from scanclust.data.pipelines import Augment, Batch, data_path_for
-from scanclust.engine import (Loop, begin_stage, cpu_state, feature_path, log, predict_logits,
-                              prepare_model)
+from scanclust.engine import (Loop, cpu_state, feature_path, log, predict_logits,
+                              prepare_model, stage)
 from scanclust.health import collapse_warning
 from scanclust.losses import EPS, scan_loss
 from scanclust.models import ClusterModel, Heads, backbone_state, build_cluster_model
 from scanclust.preflight import num_clusters
-from scanclust.rundir import RunDir, exclusive
-from scanclust.runtime import autocast, derive_seed, resolve_device, seed_all
+from scanclust.rundir import RunDir
+from scanclust.runtime import autocast, derive_seed, seed_all
 
 STAGE = "scan"
 
@@ -155,16 +154,10 @@ def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | N
 
 
 
-@exclusive
-def scan(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default", *,
-         overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-         force: bool = False) -> dict[str, Any]:
+@stage(STAGE, needs="mine")
+def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[str, Any]:
     """Train the cluster model; returns the stage summary (also in ``scan/summary.json``)."""
-    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="mine")
-    if status == "done":
-        return run.summary(STAGE)
     sc = cfg.scan
-    device = resolve_device(cfg.device)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
     clusters = num_clusters(cfg, train_set)

@@ -7,7 +7,6 @@ are kept where the number of confident samples stops growing, a criterion that n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,12 +17,12 @@ from scanclust.checkpoint import load_state
 from scanclust.config import Config
 from scanclust.data import build_dataset
 from scanclust.data.pipelines import Augment, Batch, data_path_for
-from scanclust.engine import Loop, begin_stage, cpu_state, feature_path, prepare_model
+from scanclust.engine import Loop, cpu_state, feature_path, prepare_model, stage
+from scanclust.rundir import RunDir
 from scanclust.losses import masked_cross_entropy
 from scanclust.models import Heads
 from scanclust.models.saved import load_cluster_model
-from scanclust.rundir import exclusive
-from scanclust.runtime import autocast, resolve_device
+from scanclust.runtime import autocast
 
 STAGE = "selflabel"
 
@@ -111,17 +110,10 @@ class SelfLabelLoop(Loop):
         self.plateau, self.best, self.history = state["plateau"], state["best"], state["history"]
 
 
-@exclusive
-def selflabel(config: Config | str | Path | dict | None = None,
-              out: str | Path = "runs/default", *,
-              overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-              force: bool = False) -> dict[str, Any]:
+@stage(STAGE, needs="scan")
+def selflabel(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[str, Any]:
     """Fine-tune the kept SCAN head by self-labelling; returns the stage summary."""
-    cfg, run, status = begin_stage(STAGE, config, out, overrides, resume, force, needs="scan")
-    if status == "done":
-        return run.summary(STAGE)
     sl = cfg.selflabel
-    device = resolve_device(cfg.device)
     model, _ = load_cluster_model(run, "scan")
     if not sl.update_backbone:
         model.freeze_backbone()

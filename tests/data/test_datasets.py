@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from scanclust.config import DataConfig
-from scanclust.data.datasets import (UNLABELED, ArrayDataset, DatasetError, FolderDataset,
-                                     build_dataset, cifar100_coarse_labels)
+from scanclust.data.datasets import UNLABELED, ArrayDataset, DatasetError, FolderDataset
+from scanclust.data.sources import build_dataset, cifar100_coarse_labels
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]

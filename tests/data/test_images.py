@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scanclust.data import decoding
 from scanclust.data import images as I
 from scanclust.data.images import (ImageReadError, decode_square, escape_name, list_images,
                                    open_image, unescape_name)
@@ -146,7 +147,7 @@ def test_decode_into_reports_failures_by_index(tmp_path: Path) -> None:
     paths.insert(1, tmp_path / "bad.png")
     target = tmp_path / "out.npy"
     np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(4, 4, 4, 3))
-    failures = I.decode_into(paths, 4, target, workers=2, progress=False)
+    failures = decoding.decode_into(paths, 4, target, workers=2, progress=False)
     out = np.load(target)
     assert list(failures) == [1] and out[1].max() == 0
     assert [int(out[i, 0, 0, 0]) for i in (0, 2, 3)] == [0, 50, 100]
@@ -181,5 +182,5 @@ def test_names_that_are_not_utf8_are_listed_and_decoded(tmp_path: Path) -> None:
     assert listing.skipped == []
     target = tmp_path / "out.npy"
     np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(4, 4, 4, 3))
-    assert I.decode_into(listing.paths, 4, target, workers=2, progress=False) == {}
+    assert decoding.decode_into(listing.paths, 4, target, workers=2, progress=False) == {}
     assert np.load(target)[:, 0, 0, 0].tolist() == [0, 50, 100, 150]

@@ -4,6 +4,7 @@ batch at a time (``batch_augment``), every sample with its own parameters."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,11 +27,7 @@ class DeviceAugment(Augment):
         self.nhwc = channels_last(path.cfg, path.device, training)
         self.table = (None if neighbors is None else
                       torch.from_numpy(np.ascontiguousarray(neighbors)).to(images.device))
-        # One augmentation call per view kind: views of one kind share a call on the
-        # concatenated inputs (a third of the kernels of separate calls for a SCAN pair).
-        self.groups: dict[str, list[str]] = defaultdict(list)
-        for name, kind in views.items():
-            self.groups[kind].append(name)
+        self.groups = by_kind(views)
 
     def __call__(self, batch: Batch) -> Batch:
         index = batch["index"]
@@ -39,13 +36,17 @@ class DeviceAugment(Augment):
         if self.table is not None:
             sources[PARTNER] = out["neighbor_index"] = draw_partners(index, self.table,
                                                                      self.generator)
-        for kind, names in self.groups.items():
-            rows = [sources.get(name, index) for name in names]
-            x = self.images[rows[0] if len(rows) == 1 else torch.cat(rows)]
-            views = self.path.make(kind, x, self.generator)
-            for name, view in zip(names, views.chunk(len(names))):
-                out[name] = layout(view, self.nhwc)
-        return out
+        return self.path.add_views(out, self.groups, lambda name: sources.get(name, index),
+                                   self.images.__getitem__, self.generator, self.nhwc)
+
+
+def by_kind(views: dict[str, str]) -> dict[str, list[str]]:
+    """The view names of each kind: views of one kind share an augmentation call on their
+    concatenated inputs (a third of the kernels of separate calls for a SCAN pair)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, kind in views.items():
+        groups[kind].append(name)
+    return groups
 
 
 class DevicePath(DataPath):
@@ -67,6 +68,18 @@ class DevicePath(DataPath):
         targets = torch.from_numpy(dataset.targets).to(self.device)
         self._held.append((dataset, images, targets))
         return images, targets
+
+    def add_views(self, out: Batch, groups: dict[str, list[str]], source: Callable[[str], Any],
+                  images: Callable[[Any], torch.Tensor], generator: torch.Generator | None,
+                  nhwc: bool) -> Batch:
+        """Each kind's views in one call on the images of their ``source`` (rows, or decoded
+        images), concatenated: into ``out`` as float NCHW (NHWC with ``nhwc``)."""
+        for kind, names in groups.items():
+            parts = [source(name) for name in names]
+            x = images(parts[0] if len(parts) == 1 else torch.cat(parts))
+            for name, view in zip(names, self.make(kind, x, generator).chunk(len(names))):
+                out[name] = layout(view, nhwc)
+        return out
 
     def make(self, kind: str, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One view kind of a uint8 batch, as float32 NCHW."""

@@ -15,7 +15,6 @@ neighbours as on the other paths, from the sample's own seed (``SeededSampler``)
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from scanclust.config import ConfigError
 from scanclust.data.datasets import FileDataset, ImageDataset
-from scanclust.data.pipelines.base import PARTNER, Augment, Batch, Batches, layout
-from scanclust.data.pipelines.device import DevicePath
+from scanclust.data.pipelines.base import PARTNER, Augment, Batch, Batches
+from scanclust.data.pipelines.device import DevicePath, by_kind
 from scanclust.data.pipelines.workers import worker_loader
 from scanclust.runtime import channels_last
 
@@ -83,9 +82,7 @@ class DecodeAugment(Augment):
         self.targets = torch.from_numpy(dataset.targets).to(path.device)
         self.generator = generator
         self.nhwc = channels_last(path.cfg, path.device, training)
-        self.groups: dict[str, list[str]] = defaultdict(list)  # one augmentation call per kind
-        for name, kind in views.items():
-            self.groups[kind].append(name)
+        self.groups = by_kind(views)
         self.loaders: dict[tuple, DataLoader] = {}  # kept for their persistent workers
 
     def __call__(self, batch: Batch) -> Batch:
@@ -95,13 +92,8 @@ class DecodeAugment(Augment):
         if "neighbor_jpeg" in batch:
             out["neighbor_index"] = batch["neighbor_index"].to(self.path.device)
             images[PARTNER] = self.path.decode(batch["neighbor_jpeg"])
-        for kind, names in self.groups.items():
-            parts = [images.get(name, images[""]) for name in names]
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            views = self.path.make(kind, x, self.generator)
-            for name, view in zip(names, views.chunk(len(names))):
-                out[name] = layout(view, self.nhwc)
-        return out
+        return self.path.add_views(out, self.groups, lambda name: images.get(name, images[""]),
+                                   lambda x: x, self.generator, self.nhwc)
 
 
 class DecodePath(DevicePath):
