@@ -77,10 +77,11 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", "-k", default=None, metavar="K|auto",
                    help="number of clusters, or auto (default: auto; with "
                         "--labels-from-folders the number of subfolders)")
-    p.add_argument("--backbone", "-b", default="scratch", metavar="NAME",
-                   help="scratch (SimCLR, the paper), a torchvision model (resnet50, "
-                        "vit_b_16, ...) with its ImageNet weights, timm:NAME, or a weights "
-                        "file (default: scratch)")
+    p.add_argument("--backbone", "-b", default="auto", metavar="NAME",
+                   help="auto (a pretrained model when its weights are here or can be "
+                        "downloaded, else scratch; the default), scratch (SimCLR on the folder, "
+                        "the paper), a torchvision model (resnet50, vit_b_16, ...) with its "
+                        "ImageNet weights, timm:NAME, or a weights file")
     p.add_argument("--preset", "-p", default="auto", help="auto, cpu, gpu or quick "
                    "(default: auto = gpu with CUDA, else cpu)")
     p.add_argument("--labels-from-folders", action="store_true",

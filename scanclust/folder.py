@@ -56,6 +56,9 @@ SCRATCH = {
 }
 EPOCH_BOUNDS = {"pretext": (10, 500), "scan": (5, 100), "selflabel": (3, 50)}
 CACHED_VIEWS = {"cpu": 2, "gpu": 10, "quick": 1}
+# ``--backbone auto``'s pretrained model: see ``choose_backbone`` and the README (quality per
+# CPU second, measured in benchmarks/RESULTS.md).
+AUTO_BACKBONE = "regnet_y_1_6gf"
 
 
 def inspect_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
@@ -153,6 +156,41 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
     return s
 
 
+def choose_backbone(out: Path, resume: bool) -> str:
+    """``--backbone auto``: a pretrained model when its weights are on this machine or can be
+    downloaded now, else the scratch recipe; one line says which, and how to get the other.
+
+    A resumed run keeps the choice it was made with (the weights may have arrived since).
+    Looking costs no more than a file check and one connection attempt (milliseconds without
+    a network, at most 1.5 s where DNS answers slowly)."""
+    from urllib.parse import urlparse
+
+    from scanclust.models.pretrained import hub_reachable, weights_file, weights_source
+
+    recorded = out / "config.yaml"
+    if resume and recorded.is_file():
+        cfg = load_config(recorded)
+        chosen = {"simclr": "scratch", "weights": cfg.pretext.weights}.get(
+            cfg.pretext.method, cfg.model.backbone)
+        log.info("cluster: --backbone auto: %s, as this run was made", chosen)
+        return str(chosen)
+    url, local = weights_source(AUTO_BACKBONE)
+    if weights_file(AUTO_BACKBONE) is not None:
+        log.info("cluster: --backbone auto: %s with its ImageNet weights (%s); --backbone "
+                 "scratch trains on the folder alone instead", AUTO_BACKBONE, local)
+        return AUTO_BACKBONE
+    if hub_reachable(urlparse(url).hostname or ""):
+        log.info("cluster: --backbone auto: %s with its ImageNet weights, downloaded once into "
+                 "%s; --backbone scratch trains on the folder alone instead", AUTO_BACKBONE,
+                 local.parent)
+        return AUTO_BACKBONE
+    log.warning("cluster: --backbone auto: no pretrained weights on this machine and no network,"
+                " so the model is trained from scratch on the folder (natural photos then sort "
+                "mostly by colour); for clusters by content place %s (from %s) in %s, or pass "
+                "--backbone NAME", local.name, url, local.parent)
+    return "scratch"
+
+
 def resolve_preset(preset: str) -> str:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
@@ -231,7 +269,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def cluster(folder: str | Path, out: str | Path | None = None, *,
-            clusters: int | str | None = None, backbone: str = "scratch",
+            clusters: int | str | None = None, backbone: str = "auto",
             preset: str = "auto", labels_from_folders: bool = False, strict: bool = False,
             export: str | None = None, k_range: str | None = None,
             criterion: str = "modularity",
@@ -261,6 +299,8 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
     if criterion not in CRITERIA:
         raise ConfigError(f"--criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     preset = resolve_preset(preset)
+    if backbone == "auto":
+        backbone = "scratch" if preset == "quick" else choose_backbone(out, resume)
     try:
         images, side = inspect_folder(folder)
     except ImageReadError as err:

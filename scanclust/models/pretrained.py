@@ -153,13 +153,15 @@ _REACHABLE: dict[str, bool] = {}
 
 
 def hub_reachable(host: str = HUB_HOST, timeout: float = 1.5) -> bool:
-    """Whether a download from ``host`` can start: ``HF_HUB_OFFLINE`` says no; behind a proxy
-    the client's own attempt decides (a direct connection says nothing there); else a TCP
-    connection within ``timeout`` seconds (a machine without DNS fails in milliseconds)."""
-    from huggingface_hub import constants
+    """Whether a download from ``host`` can start: for the Hugging Face hub ``HF_HUB_OFFLINE``
+    says no; behind a proxy the client's own attempt decides (a direct connection says nothing
+    there); else a TCP connection within ``timeout`` seconds (a machine without DNS fails in
+    milliseconds)."""
+    if host == HUB_HOST:
+        from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
+        if constants.HF_HUB_OFFLINE:
+            return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     if host not in _REACHABLE:
@@ -169,6 +171,20 @@ def hub_reachable(host: str = HUB_HOST, timeout: float = 1.5) -> bool:
         except OSError:
             _REACHABLE[host] = False
     return _REACHABLE[host]
+
+
+def weights_source(name: str) -> tuple[str, Path] | None:
+    """Where a library backbone's pretrained weights are downloaded from and kept: (URL,
+    local file) for torchvision's, None for the others (timm's go through the hub client)."""
+    if name.startswith(TIMM_PREFIX):
+        return None
+    import torchvision.models as tvm
+
+    try:
+        url = tvm.get_model_weights(name).DEFAULT.url
+    except (ValueError, KeyError):
+        return None
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 def weights_file(name: str) -> Path | None:
@@ -193,17 +209,14 @@ def weights_file(name: str) -> Path | None:
                     found = try_to_load_from_cache(repo, filename, revision=revision or None)
                     if isinstance(found, str) and os.path.isfile(found):
                         return Path(found)
-        url = cfg.url
-    else:
-        import torchvision.models as tvm
-
-        try:
-            url = tvm.get_model_weights(name).DEFAULT.url
-        except (ValueError, KeyError):
+        if not cfg.url:
             return None
-    if not url:
-        return None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+    else:
+        source = weights_source(name)
+        if source is None:
+            return None
+        path = source[1]
     return path if path.is_file() else None
 
 
