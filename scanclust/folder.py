@@ -276,9 +276,6 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
             force: bool = False) -> dict[str, Any]:
     """Cluster the images of ``folder`` into ``out``; returns the report summary."""
-    from scanclust.choose_k import CRITERIA
-    from scanclust.results import EXPORT_MODES
-
     started = time.perf_counter()
     if distributed.launched():
         raise ConfigError("scanclust cluster runs in one process; for several GPUs train with "
@@ -294,6 +291,9 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
         raise ConfigError(f"--out {out} is inside FOLDER {folder}; its exported copies would be "
                           f"clustered next time: choose a run directory outside it")
     clusters = parse_clusters(clusters)
+    from scanclust.choose_k import CRITERIA  # after the checks that need no torch
+    from scanclust.results import EXPORT_MODES
+
     if export is not None and export not in EXPORT_MODES:
         raise ConfigError(f"--export {export!r} is not one of {', '.join(EXPORT_MODES)}")
     if criterion not in CRITERIA:

@@ -43,7 +43,7 @@ from scanclust.errors import UserError
 from scanclust.figures import cluster_prototypes
 from scanclust.models.saved import final_stage
 from scanclust.files import atomic_write, read_json, write_json
-from scanclust.rundir import RunDir
+from scanclust.rundir import RunDir, exclusive
 
 STAGE = "report"
 PROTOTYPES = 5  # per cluster, listed in clusters.json and shown first in the report
@@ -57,6 +57,7 @@ class ReportError(UserError, ValueError):
     """A report that cannot be made from this run (not a folder run, no model)."""
 
 
+@exclusive
 def report(config: Config | str | Path | dict | None = None, out: str | Path = "runs/default",
            *, overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
            force: bool = False, export: str | None = None) -> dict[str, Any]:

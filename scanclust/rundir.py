@@ -44,7 +44,6 @@ import numpy as np
 import yaml
 
 from scanclust import distributed, lock
-from scanclust.checkpoint import checkpoint_epoch
 from scanclust.files import RunDirError, atomic_write, file_digest, finite, read_json, write_json
 from scanclust.lineage import (INPUTS, LINEAGE_NAME, OUTPUTS, STAGE_DIRS, STAGES, Lineage,
                                compare_configs)
@@ -158,6 +157,9 @@ class RunDir(Lineage):
             write_json(self.lineage_path(stage), {"inputs": inputs, "config": cfg,
                                                   **({"data": data} if data else {})})
         elif stage in STAGE_DIRS and status == "resume":
+            # here, not at the top: the command line's answers to bad input come before torch
+            from scanclust.checkpoint import checkpoint_epoch
+
             self._trim_log(stage, checkpoint_epoch(self.checkpoint(stage)))
             write_json(self.lineage_path(stage), {**self.lineage(stage), "config": cfg})
         if status != "done":
