@@ -227,6 +227,29 @@ def test_a_killed_server_loses_no_edit(review_run: Path, tmp_path: Path) -> None
         state = json.loads(fetch(again.url + "api/state")[1])
         assert state["edits"] == 2 and [c["name"] for c in state["clusters"]] == \
             ["cluster_00", "sevens"]
+    server = subprocess.Popen([sys.executable, "-m", "scanclust", "review", str(run),
+                               "--no-browser"], stdout=subprocess.PIPE, text=True, env=_env())
+    assert server.stdout.readline().startswith("review: http://127.0.0.1:")
+    server.send_signal(signal.SIGINT)  # Ctrl-C: a plain stop
+    out, _ = server.communicate(timeout=20)
+    assert server.returncode == 0 and out.endswith("review: stopped\n")
+
+
+def test_a_browser_if_there_is_one(monkeypatch, capsys) -> None:
+    import webbrowser
+
+    from scanclust.review import _open_browser
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("DISPLAY", ":0")
+    _open_browser("http://127.0.0.1:1/t/")
+    assert opened == ["http://127.0.0.1:1/t/"]
+    assert capsys.readouterr().out == "review: no browser found; open the URL above\n"
+    monkeypatch.delenv("DISPLAY")
+    _open_browser("http://127.0.0.1:1/t/")
+    assert len(opened) == (1 if sys.platform.startswith("linux") else 2)
 
 
 def _driver(profile: Path):
@@ -347,3 +370,11 @@ def test_thousands_of_images_in_pages(review_run: Path, tmp_path: Path) -> None:
             assert shown < 15, shown
     finally:
         driver.quit()
+
+
+def test_review_and_export_answer_without_torch(tmp_path: Path) -> None:
+    from tests.test_startup import _probe
+
+    assert _probe(["review", "--help"]) == "[] 0"
+    assert _probe(["review", str(tmp_path / "missing"), "--no-browser"]) == "[] 2"
+    assert _probe(["export", str(tmp_path / "missing"), str(tmp_path / "dest")]) == "[] 2"
