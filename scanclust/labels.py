@@ -269,9 +269,9 @@ def load_labels(a: Assignments) -> Labels:
         raise LabelsError(f"{path} has format version {data.get('version')!r}; this scanclust "
                           f"reads version {VERSION}; {KEEP}")
     if data.get("model") and labels.model and data["model"] != labels.model:
-        raise LabelsError(f"{path} names the clusters of another model: the "
-                          f"{data['model'].get('stage')} stage was redone since; move it aside "
-                          f"to review the new clusters")
+        raise LabelsError(f"{path} names the clusters of another model: the run's model "
+                          f"({labels.model['stage']}) was redone or finished since; move it "
+                          f"aside to review the new clusters")
     for n, edit in enumerate(data["edits"], 1):
         try:
             labels.apply(edit)
@@ -280,15 +280,10 @@ def load_labels(a: Assignments) -> Labels:
     return labels
 
 
-def save(labels: Labels) -> None:
-    """labels.json first (the record), then the label column of assignments.csv and the names
-    in clusters.json. A kill between the two leaves stale names there, which the next review
-    or report rewrites."""
-    write_json(labels.assignments.run / FILE_NAME, labels.to_json())
-    write_outputs(labels)
-
-
 def write_outputs(labels: Labels) -> None:
+    """The label column of assignments.csv and the names in clusters.json, from the labels.
+    Written after labels.json (the record): a kill between the two leaves stale names here,
+    which the next review or report rewrites."""
     a = labels.assignments
     text = io.StringIO(newline="")
     writer = csv.writer(text)
@@ -300,7 +295,8 @@ def write_outputs(labels: Labels) -> None:
     names = labels.model_names()
     for entry in a.summary["clusters"]:
         c = entry["cluster"]
-        entry.update(name=names[c], merged_into=labels.resolve(c) if c in labels.merged else None)
+        entry.update(name=names.get(c), merged_into=labels.resolve(c) if c in labels.merged
+                     else None)
     write_json(a.run / "clusters.json", a.summary)
 
 

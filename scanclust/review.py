@@ -284,11 +284,11 @@ def close_review(server: ReviewServer) -> None:
 
 def review_command(run: str, port: int | None = None, browser: bool = True) -> int:
     server = open_review(run, port or 0)
-    print(f"review: {server.url}\nevery edit is saved at once to "
-          f"{escape_name(Path(run) / FILE_NAME)}; Ctrl-C stops the server", flush=True)
-    if browser:
-        _open_browser(server.url)
     try:
+        print(f"review: {server.url}\nevery edit is saved at once to "
+              f"{escape_name(Path(run) / FILE_NAME)}; Ctrl-C stops the server", flush=True)
+        if browser:
+            _open_browser(server.url)
         server.serve_forever()
     except KeyboardInterrupt:
         print("review: stopped", flush=True)

@@ -17,7 +17,9 @@ import pytest
 from scanclust.cli import main
 from scanclust.data.images import unescape_name
 from scanclust.export import folder_names
-from scanclust.labels import Labels, LabelsError, load_labels, read_assignments, report_names, save
+from scanclust.labels import (FILE_NAME, Labels, LabelsError, load_labels, read_assignments,
+                              report_names, write_outputs)
+from scanclust.rundir import write_json
 
 
 def copy_run(review_run: Path, tmp_path: Path, folder: bool = False) -> Path:
@@ -31,6 +33,12 @@ def copy_run(review_run: Path, tmp_path: Path, folder: bool = False) -> Path:
         summary["folder"] = str(tmp_path / "photos")
         (run / "clusters.json").write_text(json.dumps(summary))
     return run
+
+
+def save(labels: Labels) -> None:
+    """As the review server saves an edit: labels.json, then the files derived from it."""
+    write_json(labels.assignments.run / FILE_NAME, labels.to_json())
+    write_outputs(labels)
 
 
 def images_of(a, prefix: str) -> list[str]:
@@ -125,8 +133,8 @@ def _labels_file(edits: list, **fields) -> bytes:
      "has format version 2; this scanclust reads version 1"),
     ("cluster9", ", edit 2: cluster 9 does not exist; fix it or move it aside"),
     ("image", ", edit 1: image 'd0/gone.png' is not in assignments.csv; fix it"),
-    ("model", "names the clusters of another model: the selflabel stage was redone since; "
-              "move it aside to review the new clusters"),
+    ("model", "names the clusters of another model: the run's model (selflabel) was redone "
+              "or finished since; move it aside to review the new clusters"),
 ])
 def test_a_bad_labels_file_is_refused_and_kept(review_run: Path, tmp_path: Path, capsys,
                                                content, message: str) -> None:

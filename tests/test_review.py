@@ -303,6 +303,7 @@ def test_review_in_headless_chromium(review_run: Path, tmp_path: Path) -> None:
             wait.until(lambda d: d.find_element(By.ID, "message").is_displayed())
             assert css[0](By.ID, "message").text == \
                 "cluster 0 is already named zeros; merge the two clusters instead"
+            assert css[0](By.CSS_SELECTOR, "#cluster-2 input.name").get_attribute("value") == ""
 
             driver.refresh()
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "section.cluster")) == 2)

@@ -34,6 +34,7 @@ async function call(path, body) {
     return false;
   }
   if (!response.ok) {
+    if (state) render(); // back to what is saved: a refused name leaves its input
     showMessage(data.error || `HTTP ${response.status}`);
     return false;
   }
