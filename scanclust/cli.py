@@ -4,6 +4,8 @@
     scanclust scan --out runs/c10 --resume
     scanclust cluster ~/photos --out runs/photos
     scanclust predict runs/photos new/ more.jpg --csv new.csv
+    scanclust review runs/photos
+    scanclust export runs/photos ~/datasets/photos
     scanclust demo
     torchrun --nproc_per_node 8 -m scanclust run --config imagenet_50 --out runs/in50
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="repeat with N seeds; report mean ± std")
     _common(p)
     _cluster_parsers(sub)
+    _review_parsers(sub)
     p = sub.add_parser("config", help="print a resolved config as YAML")
     p.add_argument("config", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -112,6 +115,28 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (same as device=...)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _review_parsers(sub: argparse._SubParsersAction) -> None:
+    text = "look at and correct the clusters of a folder run in a local web page"
+    p = sub.add_parser("review", help=text, description=text + (
+        ": name, merge, move, exclude, undo; every edit is saved at once to RUN/labels.json "
+        "and shows in assignments.csv, clusters.json, the report, predict and export"))
+    p.add_argument("run", metavar="RUN", help="run directory of scanclust cluster (or report)")
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL only")
+    text = "write the labelled data set of a folder run (its reviewed names and edits)"
+    p = sub.add_parser("export", help=text, description=text + (
+        "; excluded images are left out, and without a review the clusters are the labels "
+        "(cluster_00, ...). folders: DEST/<label>/<path in the folder>; imagefolder: "
+        "DEST/<label>/<path with / as __>, every file one torchvision's ImageFolder reads; "
+        "csv: DEST is a file of path,label"))
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("dest", metavar="DEST", help="a new (or empty) folder, or the CSV file")
+    p.add_argument("--format", default="folders", choices=("folders", "imagefolder", "csv"),
+                   help="default: folders")
+    p.add_argument("--link", choices=("symlink", "copy"),
+                   help="link to the images or copy them (default: symlink)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -223,6 +248,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return predict_command(args.run, args.inputs, csv_path=args.csv, device=args.device,
                                batch_size=args.batch_size, strict=args.strict)
+    if args.command == "review":
+        from scanclust.review import review_command
+
+        return review_command(args.run, port=args.port, browser=not args.no_browser)
+    if args.command == "export":
+        return _export(args)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
@@ -276,6 +307,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         STAGE_FUNCTIONS[args.command](args.config, out, overrides=overrides, resume=args.resume,
                                       force=args.force)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scanclust.export import export
+
+    done = export(args.run, args.dest, args.format, args.link)
+    how = "" if args.format == "csv" else f", {args.link or 'symlink'}"
+    print(f"exported {done['images']} images in {done['labels']} labels to {args.dest} "
+          f"({args.format}{how}); {done['excluded']} excluded images left out"
+          + (f"; {done['converted']} written as PNG for ImageFolder" if done["converted"] else ""))
+    if done["skipped_by_imagefolder"]:
+        logging.getLogger("scanclust").warning(
+            "images whose extension torchvision's ImageFolder skips by default (.gif, .jfif, "
+            "...): %d; --format imagefolder writes them as PNG", done["skipped_by_imagefolder"])
     return 0
 
 

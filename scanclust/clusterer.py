@@ -26,6 +26,7 @@ from scanclust.data.decoding import iter_decoded
 from scanclust.data.images import (ImageReadError, decode_square, escape_name, list_images,
                                    resize_square, to_rgb)
 from scanclust.errors import UserError
+from scanclust.labels import cluster_names
 from scanclust.models import ClusterModel
 from scanclust.files import atomic_write
 from scanclust.rundir import RunDir
@@ -202,6 +203,7 @@ def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None
     if strict and skipped:
         raise PredictError(f"cannot read image {escape_name(skipped[0][0])}: {skipped[0][1]} "
                            f"(--strict)")
+    names = cluster_names(run_dir)  # a reviewed run's names: a label column
     clusterer = load(run_dir, device=device)
     rows: list[tuple[str, int, float]] = []
     done = 0
@@ -226,9 +228,9 @@ def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None
                            f"({len(skipped)} skipped)")
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["path", "cluster", "confidence"])
+    writer.writerow(["path", "cluster", "confidence"] + (["label"] if names else []))
     for name, cluster, confidence in rows:
-        writer.writerow([name, cluster, f"{confidence:.6f}"])
+        writer.writerow([name, cluster, f"{confidence:.6f}"] + ([names[cluster]] if names else []))
     if csv_path:
         with atomic_write(Path(csv_path), PredictError) as handle:
             handle.write(text.getvalue().encode("utf-8"))

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from scanclust.clusterer import load
@@ -41,8 +40,9 @@ from scanclust.data.pipelines import data_path_for
 from scanclust.engine import begin_stage, log, predict_logits, prepare_model
 from scanclust.errors import UserError
 from scanclust.figures import cluster_prototypes
-from scanclust.models.saved import final_stage
 from scanclust.files import atomic_write, read_json, write_json
+from scanclust.labels import report_names
+from scanclust.models.saved import final_stage
 from scanclust.rundir import RunDir, exclusive
 
 STAGE = "report"
@@ -98,6 +98,9 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
     skipped = [(escape_name(_relative(p, dataset.root)), escape_name(reason))
                for p, reason in dataset.skipped]
     write_skipped(run.root / "skipped.txt", skipped)
+    names = report_names(run.root)  # after a review: its names in the CSV, the JSON, the page
+    for row in clusters:
+        row["name"] = names.get(row["cluster"])
     if export is not None:
         export_clusters(run.root / "clusters", dataset, pred, export)
 
@@ -278,7 +281,7 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
         note = (f"showing the {MAX_THUMBNAILS} most confident of {size}; all are in "
                 f"assignments.csv" if size > MAX_THUMBNAILS else "sorted by confidence")
         parts.append(f"<section id='cluster-{c}' class='cluster'><div class='head'>"
-                     f"<h2>Cluster {c}</h2><span class='muted'>{size} images, mean confidence "
+                     f"<h2>{_title(row)}</h2><span class='muted'>{size} images, mean confidence "
                      f"{mean}; {note}</span></div>")
         if prototypes.get(c):
             parts.append("<div class='protos grid'>")
@@ -293,6 +296,12 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
     parts.append(_skipped_section(skipped))
     parts.append("</main></body></html>")
     return "".join(parts)
+
+
+def _title(row: dict[str, Any], prefix: str = "Cluster ") -> str:
+    """``Cluster 3``, or ``Cluster 3: sevens`` once a review named it (``labels.py``)."""
+    name = f": {html.escape(row['name'])}" if row.get("name") else ""
+    return f"{prefix}{row['cluster']}{name}"
 
 
 def _native_side(dataset, needed: list[int]) -> int:
@@ -315,7 +324,7 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
             stats.append((key.upper(), f"{labelled[key]:.3f}"))
     cells = "".join(f"<div class='stat'><span class='muted'>{html.escape(name)}</span> "
                     f"<b>{html.escape(str(value))}</b></div>" for name, value in stats)
-    nav = "".join(f"<a href='#cluster-{row['cluster']}'>{row['cluster']} "
+    nav = "".join(f"<a href='#cluster-{row['cluster']}'>{_title(row, '')} "
                   f"<span class='muted'>({row['size']})</span></a>" for row in clusters)
     extra = "<a href='#skipped'>skipped files</a>" if skipped else ""
     return (f"<header><h1>Clusters of {html.escape(escape_name(dataset.root))}</h1>"
@@ -328,7 +337,7 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
 def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str) -> str:
     biggest = max((row["size"] for row in clusters), default=1) or 1
     bars = "".join(
-        f"<a href='#cluster-{row['cluster']}'>cluster {row['cluster']}</a>"
+        f"<a href='#cluster-{row['cluster']}'>{_title(row, 'cluster ')}</a>"
         f"<div class='bar' style='width:{100 * row['size'] / biggest:.1f}%'></div>"
         f"<span>{row['size']} ({100 * row['size'] / max(total, 1):.1f} %)</span>"
         for row in clusters)

@@ -104,3 +104,29 @@ def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, li
     cluster(folder, out, clusters="auto", k_range="2:4", preset="quick", export="symlink",
             overrides=CLUSTER_TINY)
     return folder, out, readable
+
+
+@pytest.fixture(scope="session")
+def review_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-cluster folder run (``write_digit_folder``) whose assignments.csv holds
+    the digit classes as clusters: d0 -> 0, d1 -> 1, d7 -> 2, 20 images each. The toy model's
+    own clusters mean nothing (it often puts everything in one), and the review and export
+    tests need clusters a reader can count. Copy it before changing it."""
+    import csv
+    import json
+
+    from scanclust.folder import cluster
+
+    base = tmp_path_factory.mktemp("review-run")
+    write_digit_folder(base / "photos")
+    cluster(base / "photos", base / "run", clusters=3, preset="quick", overrides=CLUSTER_TINY)
+    table = list(csv.reader(open(base / "run" / "assignments.csv", encoding="utf-8")))
+    for row in table[1:]:
+        row[1] = str("017".index(row[0][1]))  # d0/..., d1/..., d7/...
+    with open(base / "run" / "assignments.csv", "w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows(table)
+    summary = json.loads((base / "run" / "clusters.json").read_text())
+    for entry in summary["clusters"]:
+        entry["size"] = 20
+    (base / "run" / "clusters.json").write_text(json.dumps(summary))
+    return base / "run"
