@@ -1,23 +1,27 @@
-"""How often ``--clusters auto`` finds the true number of classes.
+"""How often each ``--clusters auto`` criterion finds the true number of classes.
 
-Two sources of features:
+    python benchmarks/choose_k.py
+        the battery: scikit-learn's digits with all 10 classes and random subsets of 7 and 5
+        classes, seeds 0-4 (the subset and the pretext seed follow the seed), each through the
+        demo's pretext and mining (a folder of the subset's train images, ``data.dataset=folder``,
+        as ``scanclust cluster`` reads it), then every criterion on the same mined features;
+        plus CIFAR-10 features in ``benchmarks/data/cifar10-simclr-*.npz`` (arrays ``features``
+        and ``targets``) when there are any;
+    python benchmarks/choose_k.py --features F.npy --labels L.npy
+        the criteria on the features of any run (e.g. RUN/neighbors/features_train.npy with
+        RUN/neighbors/targets_train.npy).
 
-    python benchmarks/choose_k.py --features F.npy --labels L.npy [--seeds 5]
-        features of any run (e.g. RUN/neighbors/features_train.npy with
-        RUN/neighbors/targets_train.npy): the criteria on them, over several k-means seeds and
-        random 90 % subsamples of the images;
-    python benchmarks/choose_k.py --digits 5
-        the offline demo's pretext + mining for seeds 0..4 (digits, 10 classes), then the
-        criteria on each seed's features.
-
-Prints one JSON line per (source, seed, criterion) and a summary: how often the chosen K
-equals the true K, and its spread.
+Mined features are cached in ``.cache/choose_k/`` (git-ignored), so a rerun costs only the
+criteria; ``--features-only`` fills the cache (e.g. ``--seeds 5:7`` for runs to fix parameters
+on, kept apart from the reported seeds). One JSON line per (source, criterion) and a summary
+per criterion go to standard output and to ``benchmarks/results/choose_k-DEVICE-DATE.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -27,76 +31,140 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import REPO, machine  # noqa: E402
 from scanclust.choose_k import CRITERIA, score_partitions  # noqa: E402
 
-
-def evaluate(features: np.ndarray, labels: np.ndarray, source: str, seeds: int,
-             ks: list[int], subsample: float) -> list[dict]:
-    true_k = len(np.unique(labels[labels >= 0]))
-    rows = []
-    for seed in range(seeds):
-        rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(len(features), int(subsample * len(features)), replace=False))
-        for criterion in CRITERIA:
-            start = time.perf_counter()
-            choice = score_partitions(features[keep], ks, criterion, seed=seed)
-            row = {"source": source, "seed": seed, "criterion": criterion, "true_k": true_k,
-                   "chosen_k": choice.k, "seconds": round(time.perf_counter() - start, 2),
-                   "scores": [round(s, 4) for s in choice.scores]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+CACHE = REPO / ".cache" / "choose_k"
 
 
-def digits_features(seed: int, work: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's pretext and mining for one seed; its mining features and train labels."""
+def digit_classes(count: int, seed: int) -> list[int]:
+    """The seed's random subset of ``count`` of the 10 digits (all of them for 10)."""
+    rng = np.random.default_rng([count, seed])
+    return sorted(int(c) for c in rng.choice(10, count, replace=False))
+
+
+def digits_features(classes: list[int], seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The demo's pretext and mining on a folder of the digits train images of ``classes``:
+    the mined train features and labels (cached), and the seconds they took to make."""
+    path = CACHE / f"digits-{'-'.join(map(str, classes))}-seed{seed}.npz"
+    if path.is_file():
+        saved = np.load(path)
+        return saved["features"], saved["targets"], float(saved["seconds"])
+    from PIL import Image
+
+    from scanclust.config import load_config
+    from scanclust.data.sources import build_dataset
     from scanclust.stages.mine import mine
     from scanclust.stages.pretext import pretext
 
-    out = work / f"digits-{seed}"
-    overrides = [f"seed={seed}", "progress=false"]
-    pretext("demo", out, overrides=overrides)
-    mine("demo", out, overrides=overrides)
-    return (np.load(out / "neighbors" / "features_train.npy"),
-            np.load(out / "neighbors" / "targets_train.npy"))
+    start = time.perf_counter()
+    digits = build_dataset(load_config("demo").data, "train")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        for i, (image, label) in enumerate(zip(digits.images, digits.targets)):
+            if label in classes:
+                (folder / str(label)).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(folder / str(label) / f"{i:04d}.png")
+        overrides = [f"seed={seed}", "progress=false", "data.dataset=folder",
+                     f"data.root={folder}", f"data.cache_dir={Path(tmp) / 'cache'}"]
+        pretext("demo", Path(tmp) / "run", overrides=overrides)
+        mine("demo", Path(tmp) / "run", overrides=overrides)
+        features = np.load(Path(tmp) / "run" / "neighbors" / "features_train.npy")
+        targets = np.load(Path(tmp) / "run" / "neighbors" / "targets_train.npy")
+    seconds = time.perf_counter() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=features, targets=targets, seconds=seconds)
+    return features, targets, seconds
+
+
+def evaluate(features: np.ndarray, labels: np.ndarray, source: str, seed: int, ks: list[int],
+             criteria: list[str], log) -> list[dict]:
+    true_k = len(np.unique(labels[labels >= 0]))
+    rows = []
+    for criterion in criteria:
+        start = time.perf_counter()
+        choice = score_partitions(features, ks, criterion, seed=seed)
+        row = {"source": source, "seed": seed, "criterion": criterion, "images": len(features),
+               "true_k": true_k, "chosen_k": choice.k,
+               "seconds": round(time.perf_counter() - start, 2),
+               "scores": [round(s, 4) for s in choice.scores]}
+        log(row)
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict], criteria: list[str]) -> dict[str, dict]:
+    summary = {}
+    for criterion in criteria:
+        picked = [r for r in rows if r["criterion"] == criterion]
+        errors = np.array([r["chosen_k"] - r["true_k"] for r in picked])
+        seconds = np.array([r["seconds"] for r in picked])
+        summary[criterion] = {
+            "exact": f"{int((errors == 0).sum())}/{len(picked)}",
+            "largest_error": int(errors[np.argmax(np.abs(errors))]),
+            "mean_abs_error": round(float(np.abs(errors).mean()), 2),
+            "seconds": f"{seconds.mean():.2f} +- {seconds.std():.2f}",
+            "chosen": [r["chosen_k"] for r in picked], "true": [r["true_k"] for r in picked]}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=Path, help="features .npy [N, D]")
+    parser.add_argument("--features", type=Path, help="features .npy [N, D] instead of digits")
     parser.add_argument("--labels", type=Path, help="labels .npy [N] (-1: unlabelled)")
-    parser.add_argument("--digits", type=int, default=0, metavar="SEEDS",
-                        help="train the demo's pretext for this many seeds and use its features")
-    parser.add_argument("--seeds", type=int, default=5, help="repeats on --features")
+    parser.add_argument("--classes", default="10,7,5", help="digits subset sizes")
+    parser.add_argument("--seeds", default="0:5", help="digits seeds LO:HI (HI excluded)")
+    parser.add_argument("--criteria", default=",".join(CRITERIA))
     parser.add_argument("--k-range", default="2:20")
-    parser.add_argument("--subsample", type=float, default=0.9)
+    parser.add_argument("--features-only", action="store_true",
+                        help="make (cache) the digits features, score nothing")
+    parser.add_argument("--out", type=Path, help="JSON lines file (default under "
+                        "benchmarks/results/)")
     args = parser.parse_args()
     lo, hi = (int(v) for v in args.k_range.split(":"))
     ks = list(range(lo, hi + 1))
+    criteria = args.criteria.split(",")
+    info = machine()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-")
+    out = args.out or REPO / "benchmarks" / "results" / f"choose_k-{slug}-{info['date']}.jsonl"
+    lines: list[dict] = []
+
+    def log(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        lines.append(row)
+
+    started = time.perf_counter()
     rows: list[dict] = []
     if args.features is not None:
         if args.labels is None:
             parser.error("--features needs --labels")
-        rows += evaluate(np.load(args.features), np.load(args.labels), str(args.features),
-                         args.seeds, ks, args.subsample)
-    if args.digits:
-        with tempfile.TemporaryDirectory() as tmp:
-            for seed in range(args.digits):
-                feats, labels = digits_features(seed, Path(tmp))
-                rows += evaluate(feats, labels, f"digits seed {seed}", 1, ks, 1.0)
-    if not rows:
-        parser.error("give --features/--labels or --digits")
-    summary = {}
-    for criterion in CRITERIA:
-        picked = [r for r in rows if r["criterion"] == criterion]
-        hits = sum(r["chosen_k"] == r["true_k"] for r in picked)
-        summary[criterion] = {"found_true_k": f"{hits}/{len(picked)}",
-                              "chosen": [r["chosen_k"] for r in picked],
-                              "mean_abs_error": float(np.mean([abs(r["chosen_k"] - r["true_k"])
-                                                               for r in picked]))}
-    print(json.dumps({"benchmark": "choose_k", **machine(), "k_range": args.k_range,
-                      "summary": summary}))
+        rows += evaluate(np.load(args.features), np.load(args.labels), str(args.features), 0,
+                         ks, criteria, log)
+    else:
+        first, last = (int(v) for v in args.seeds.split(":"))
+        for count in (int(c) for c in args.classes.split(",")):
+            for seed in range(first, last):
+                classes = digit_classes(count, seed)
+                feats, labels, seconds = digits_features(classes, seed)
+                print(f"digits {classes} seed {seed}: {len(feats)} images, features made in "
+                      f"{seconds:.0f} s", file=sys.stderr, flush=True)
+                if not args.features_only:
+                    rows += evaluate(feats, labels, f"digits {classes}", seed, ks, criteria, log)
+        for path in sorted((REPO / "benchmarks" / "data").glob("cifar10-simclr-*.npz")):
+            if not args.features_only:
+                saved = np.load(path)
+                rows += evaluate(saved["features"], saved["targets"], path.name, 0, ks,
+                                 criteria, log)
+    if rows:
+        digits = [r for r in rows if r["source"].startswith("digits")]
+        for name, part in (("digits", digits), ("other", [r for r in rows if r not in digits])):
+            if part:
+                log({"benchmark": "choose_k", "part": name, **info, "k_range": args.k_range,
+                     "seconds": round(time.perf_counter() - started, 1),
+                     "summary": summarise(part, criteria)})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

@@ -348,8 +348,9 @@ def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage:
         choice = read_json(run.root / "choose_k.json") if (run.root / "choose_k.json").is_file() \
             else {}
         parts.append(f"<div class='chart figure'><h2>Choosing K</h2><p class='muted'>"
-                     f"{html.escape(str(choice.get('criterion', '')))} of k-means partitions "
-                     f"of the features; the highest wins (K = {choice.get('k', '?')})</p>"
+                     f"{html.escape(str(choice.get('criterion', '')))} of the features' "
+                     f"partitions; {html.escape(str(choice.get('rule', 'the highest wins')))} "
+                     f"(K = {choice.get('k', '?')})</p>"
                      f"{_png_tag(curve, 'criterion curve')}</div>")
     confusion = run.figures / f"{stage}_confusion.png"
     if metrics.get("stages", {}).get(stage, {}).get("acc") is not None and confusion.is_file():
