@@ -325,13 +325,13 @@ def by_scan_merge(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
     neighbours often lie in each other; parts of different groups share few neighbours.
     Merging the most agreeing pair first joins the parts back into groups, and the first
     merge across groups agrees much less than the merges before it. The score of K is the
-    agreement of the merge that made K clusters over that of the merge K would undergo next,
-    and the largest drop wins."""
+    agreement of the merge that made K clusters less that of the merge K would undergo next,
+    and the largest drop wins (a ratio would be ruled by merges of clusters that share almost
+    no neighbours, where the agreement falls from 0.008 to 0 late in the merging)."""
     agreements = merge_agreements(scan_labels(data, max(ks)), data.graph(GRAPH_K))
     # clusters the heads left empty were merged by SCAN itself: in full agreement
     agreements.update({k: 1.0 for k in range(len(agreements) + 2, max(ks) + 1)})
-    floor = 1.0 / data.graph(GRAPH_K).size  # one edge: keeps ratios of vanishing agreements finite
-    scores = [(agreements[k + 1] + floor) / (agreements[k] + floor) if k + 1 in agreements
+    scores = [agreements[k + 1] - agreements[k] if k + 1 in agreements and k in agreements
               else 0.0 for k in ks]
     return scores, ks[int(np.argmax(scores))], "the largest drop in agreement wins"
 

@@ -226,6 +226,23 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a line is logged, not as it was
+    when the first command set logging up (``main`` called again with stderr redirected, or
+    after the first stream was closed, would otherwise print a logging traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     """Our messages only: the root logger stays quiet, so libraries' INFO lines (faiss's
     'Could not load library ...' at import) do not read like failures."""
@@ -234,7 +251,7 @@ def _setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.ERROR if not distributed.is_main() else
                     logging.WARNING if quiet else logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
 

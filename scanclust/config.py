@@ -151,6 +151,13 @@ class ScanConfig:
     epochs: int = 50
     batch_size: int = 128
     entropy_weight: float = 5.0
+    # The cluster prior of the entropy term (README, "Clusters of different sizes"): uniform
+    # (the paper: every cluster 1/K of the data) | adaptive (re-estimated from the model's own
+    # predictions: an average over steps with decay prior_momentum, mixed with prior_floor of
+    # the uniform prior so that no cluster's target falls below prior_floor / K)
+    prior: str = "uniform"
+    prior_momentum: float = 0.99
+    prior_floor: float = 0.2
     num_heads: int = 1
     num_neighbors: int | None = None  # None: all mined; 0: the anchor's own augmentation
     partner: str = "neighbors_and_self"  # draw among the K neighbours and the image itself | neighbors
@@ -172,6 +179,10 @@ class SelfLabelConfig:
     epochs: int = 200
     batch_size: int = 1000
     threshold: float = 0.99
+    # threshold (samples above the threshold) | per_cluster (the per_cluster_fraction most
+    # confident samples of each cluster in a batch, however low their confidence)
+    selection: str = "threshold"
+    per_cluster_fraction: float = 0.5
     class_balance: bool = True
     ema: float | None = None  # decay of an exponential moving average of the weights
     update_backbone: bool = True
@@ -181,6 +192,15 @@ class SelfLabelConfig:
     patience: int | None = None  # stop after this many epochs on a plateau; None runs all epochs
     sync_batchnorm: bool = True  # several CUDA processes: batch norm over the global batch
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Keys added after runs were made without them: their defaults reproduce such a run, so a
+# resumed old run compares as made with them (``lineage.compare_configs``).
+ADDED_KEYS: dict[str, Any] = {
+    **{f"scan.{k}": getattr(ScanConfig(), k) for k in ("prior", "prior_momentum", "prior_floor")},
+    **{f"selflabel.{k}": getattr(SelfLabelConfig(), k)
+       for k in ("selection", "per_cluster_fraction")},
+}
 
 
 @dataclass
@@ -346,6 +366,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.scan.num_neighbors is None or 0 <= cfg.scan.num_neighbors <= cfg.mine.topk,
              "scan.num_neighbors", f"must be between 0 and mine.topk={cfg.mine.topk}")
     _require(cfg.scan.entropy_weight >= 0, "scan.entropy_weight", "must be >= 0")
+    _choice(cfg.scan.prior, "scan.prior", ("uniform", "adaptive"))
+    _require(0 <= cfg.scan.prior_momentum < 1, "scan.prior_momentum", "must be in [0, 1)")
+    _require(0 <= cfg.scan.prior_floor <= 1, "scan.prior_floor", "must be in [0, 1]")
     _choice(cfg.scan.partner, "scan.partner", ("neighbors_and_self", "neighbors"))
     _require(cfg.scan.selection_entropy_weight is None or cfg.scan.selection_entropy_weight >= 0,
              "scan.selection_entropy_weight", "must be >= 0 or null")
@@ -358,6 +381,9 @@ def validate(cfg: Config) -> None:
         _require(sc.cached_views == 0 or not sc.update_backbone, f"{stage}.cached_views",
                  f"cached features need a frozen backbone ({stage}.update_backbone=false)")
     _require(0 < cfg.selflabel.threshold < 1, "selflabel.threshold", "must be in (0, 1)")
+    _choice(cfg.selflabel.selection, "selflabel.selection", ("threshold", "per_cluster"))
+    _require(0 < cfg.selflabel.per_cluster_fraction <= 1, "selflabel.per_cluster_fraction",
+             "must be in (0, 1]")
     _require(cfg.selflabel.ema is None or 0 < cfg.selflabel.ema < 1, "selflabel.ema",
              "must be in (0, 1) or null")
     _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers", "decode"))

@@ -156,9 +156,11 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
     return s
 
 
-def choose_backbone(out: Path, resume: bool) -> str:
+def choose_backbone(out: Path, resume: bool) -> tuple[str, int, str]:
     """``--backbone auto``: a pretrained model when its weights are on this machine or can be
-    downloaded now, else the scratch recipe; one line says which, and how to get the other.
+    downloaded now, else the scratch recipe; with the line (level, text) that says which and
+    how to get the other, logged by the caller once the settings are known to be valid (a
+    config error stays the only line).
 
     A resumed run keeps the choice it was made with (the weights may have arrived since).
     Looking costs no more than a file check and one connection attempt (milliseconds without
@@ -172,23 +174,21 @@ def choose_backbone(out: Path, resume: bool) -> str:
         cfg = load_config(recorded)
         chosen = {"simclr": "scratch", "weights": cfg.pretext.weights}.get(
             cfg.pretext.method, cfg.model.backbone)
-        log.info("cluster: --backbone auto: %s, as this run was made", chosen)
-        return str(chosen)
+        return str(chosen), logging.INFO, f"cluster: --backbone auto: {chosen}, as this run was made"
     url, local = weights_source(AUTO_BACKBONE)
     if weights_file(AUTO_BACKBONE) is not None:
-        log.info("cluster: --backbone auto: %s with its ImageNet weights (%s); --backbone "
-                 "scratch trains on the folder alone instead", AUTO_BACKBONE, local)
-        return AUTO_BACKBONE
+        return AUTO_BACKBONE, logging.INFO, (
+            f"cluster: --backbone auto: {AUTO_BACKBONE} with its ImageNet weights ({local}); "
+            f"--backbone scratch trains on the folder alone instead")
     if hub_reachable(urlparse(url).hostname or ""):
-        log.info("cluster: --backbone auto: %s with its ImageNet weights, downloaded once into "
-                 "%s; --backbone scratch trains on the folder alone instead", AUTO_BACKBONE,
-                 local.parent)
-        return AUTO_BACKBONE
-    log.warning("cluster: --backbone auto: no pretrained weights on this machine and no network,"
-                " so the model is trained from scratch on the folder (natural photos then sort "
-                "mostly by colour); for clusters by content place %s (from %s) in %s, or pass "
-                "--backbone NAME", local.name, url, local.parent)
-    return "scratch"
+        return AUTO_BACKBONE, logging.INFO, (
+            f"cluster: --backbone auto: {AUTO_BACKBONE} with its ImageNet weights, downloaded "
+            f"once into {local.parent}; --backbone scratch trains on the folder alone instead")
+    return "scratch", logging.WARNING, (
+        f"cluster: --backbone auto: no pretrained weights on this machine and no network, so "
+        f"the model is trained from scratch on the folder (natural photos then sort mostly by "
+        f"colour); for clusters by content place {local.name} (from {url}) in {local.parent}, "
+        f"or pass --backbone NAME")
 
 
 def resolve_preset(preset: str) -> str:
@@ -299,8 +299,12 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
     if criterion not in CRITERIA:
         raise ConfigError(f"--criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     preset = resolve_preset(preset)
+    said = None
     if backbone == "auto":
-        backbone = "scratch" if preset == "quick" else choose_backbone(out, resume)
+        if preset == "quick":
+            backbone = "scratch"
+        else:
+            backbone, *said = choose_backbone(out, resume)
     try:
         images, side = inspect_folder(folder)
     except ImageReadError as err:
@@ -315,6 +319,8 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
     if preset == "cpu":
         settings["device"] = "cpu"
     cfg = load_config(load_config(None, settings), overrides)
+    if said:
+        log.log(*said)
     return _cluster_into(cfg, folder, out, preset, side, clusters, k_range, criterion, export,
                          resume, force, started)
 

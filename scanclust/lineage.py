@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from scanclust import lock
-from scanclust.config import ConfigError, DataConfig
+from scanclust.config import ADDED_KEYS, ConfigError, DataConfig
 from scanclust.data.fingerprint import IMAGENET, Fingerprint, difference, fingerprint, sources
 from scanclust.files import RunDirError, file_digest, read_json
 
@@ -281,7 +281,7 @@ def compare_configs(stage: str, old: dict[str, Any], new: dict[str, Any], done: 
     epochs_key = f"{stage}.epochs"
     refused, notes = [], []
     for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
+        a, b = before.get(key, ADDED_KEYS.get(key)), after.get(key)
         if a == b or not _changes_result(stage, key):
             continue
         if key == "data.root" and after.get("data.dataset") in CHECKSUMMED:

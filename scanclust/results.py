@@ -266,7 +266,7 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
              f"<style>{CSS}</style></head><body>"]
     parts.append(_header(run, cfg, dataset, paths, clusters, skipped, metrics, stage))
     parts.append("<main>")
-    parts.append(_charts(run, clusters, len(paths), metrics, stage))
+    parts.append(_charts(run, clusters, len(paths), metrics, stage, cfg.scan.prior))
     parts.append(f"<section id='low'><div class='head'><h2>Least confident images</h2>"
                  f"<span class='muted'>the {len(low)} images ({LOW_SHARE:.0%}) the model is "
                  f"least sure about, flagged in red below; worth a look</span></div>"
@@ -314,9 +314,10 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
             skipped: list, metrics: dict, stage: str) -> str:
     labelled = metrics.get("stages", {}).get(stage, {})
     model = stage
+    note = ""
     if stage == "selflabel" and run.summary("selflabel").get("kept_epoch") == 0:
-        # no sample passed the confidence threshold, or no epoch beat the start
         model = "scan (self-label kept its weights)"
+        note = f"<div class='muted'>{html.escape(kept_scan_note(run.summary('selflabel'), cfg))}</div>"
     stats = [("images", len(paths)), ("clusters", len(clusters)), ("skipped files", len(skipped)),
              ("backbone", cfg.model.backbone), ("model", model)]
     for key in ("acc", "nmi", "ari"):
@@ -330,18 +331,36 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
     return (f"<header><h1>Clusters of {html.escape(escape_name(dataset.root))}</h1>"
             f"<div class='muted'>scanclust run {html.escape(escape_name(run.root))}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}; every image with its cluster and confidence "
-            f"is in assignments.csv</div><div class='stats'>{cells}</div>"
+            f"is in assignments.csv</div><div class='stats'>{cells}</div>{note}"
             f"<nav><a href='#low'>least confident</a>{nav}{extra}</nav></header>")
 
 
-def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str) -> str:
+def kept_scan_note(summary: dict[str, Any], cfg: Config) -> str:
+    """Why self-label kept SCAN's weights, in one line, with what to try."""
+    sl = cfg.selflabel
+    if summary.get("selection", "threshold") == "threshold" and \
+            summary.get("most_confident", summary.get("confident", 0)) == 0:
+        return (f"Self-label kept SCAN's weights: no image reached the confidence threshold "
+                f"{sl.threshold} in any epoch, so it had nothing to train on; "
+                f"selflabel.selection=per_cluster trains on each cluster's most confident images.")
+    return (f"Self-label kept SCAN's weights: no epoch raised the number of confident images "
+            f"(of the mean confidence, with per_cluster) by more than "
+            f"selflabel.plateau_tolerance={sl.plateau_tolerance} of the data.")
+
+
+def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str,
+            prior: str = "uniform") -> str:
     biggest = max((row["size"] for row in clusters), default=1) or 1
+    even = total / max(len(clusters), 1)
     bars = "".join(
         f"<a href='#cluster-{row['cluster']}'>{_title(row, 'cluster ')}</a>"
         f"<div class='bar' style='width:{100 * row['size'] / biggest:.1f}%'></div>"
-        f"<span>{row['size']} ({100 * row['size'] / max(total, 1):.1f} %)</span>"
+        f"<span>{row['size']} ({100 * row['size'] / max(total, 1):.1f} %; uniform "
+        f"{even:.0f})</span>"
         for row in clusters)
     parts = [f"<section><div class='charts'><div class='chart'><h2>Cluster sizes</h2>"
+             f"<p class='muted'>beside each, the size the uniform prior pulls every cluster "
+             f"towards ({total} / {len(clusters)}); this run: scan.prior={html.escape(prior)}</p>"
              f"<div class='bars' style='margin-top:10px'>{bars}</div></div>"]
     curve = run.root / "choose_k.png"
     if curve.is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -291,27 +292,27 @@ def test_names_that_are_not_utf8_or_hold_tabs_and_newlines(tmp_path: Path,
 
 
 def test_backbone_auto_finds_cached_weights_or_falls_back(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import scanclust.models.pretrained as pretrained
     from scanclust.folder import AUTO_BACKBONE, choose_backbone
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(pretrained, "_REACHABLE", {})
     started = time.perf_counter()
-    with caplog.at_level("INFO", logger="scanclust"):
-        assert choose_backbone(tmp_path / "run", resume=False) == "scratch"  # offline, no file
+    chosen, level, line = choose_backbone(tmp_path / "run", resume=False)  # offline, no file
     assert time.perf_counter() - started < 2
     url, local = pretrained.weights_source(AUTO_BACKBONE)
-    assert f"place {local.name} (from {url}) in {local.parent}" in caplog.text
+    assert chosen == "scratch" and level == logging.WARNING
+    assert f"place {local.name} (from {url}) in {local.parent}" in line
     local.parent.mkdir(parents=True)
     local.write_bytes(b"")  # as a download leaves it (the check looks at the file only)
-    assert choose_backbone(tmp_path / "run", resume=False) == AUTO_BACKBONE
+    assert choose_backbone(tmp_path / "run", resume=False)[:2] == (AUTO_BACKBONE, logging.INFO)
     local.unlink()
     monkeypatch.setattr(pretrained, "hub_reachable", lambda host, timeout=1.5: True)
-    assert choose_backbone(tmp_path / "run", resume=False) == AUTO_BACKBONE  # downloadable
+    chosen, _, line = choose_backbone(tmp_path / "run", resume=False)  # downloadable
+    assert chosen == AUTO_BACKBONE and "downloaded once into" in line
     # a resumed run keeps what it was made with
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(load_config("demo").to_dict()))
-    assert choose_backbone(run, resume=True) == "scratch"
+    assert choose_backbone(run, resume=True)[0] == "scratch"

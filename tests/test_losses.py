@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scanclust.losses import masked_cross_entropy, nt_xent, scan_loss
+from scanclust.losses import masked_cross_entropy, nt_xent, per_cluster_mask, scan_loss
 
 
 def test_scan_loss_hand_example() -> None:
@@ -150,3 +150,42 @@ def test_nt_xent_symmetric_in_views() -> None:
     z1 = F.normalize(torch.randn(5, 8), dim=1)
     z2 = F.normalize(torch.randn(5, 8), dim=1)
     torch.testing.assert_close(nt_xent(z1, z2, 0.1), nt_xent(z2, z1, 0.1))
+
+
+def test_scan_loss_with_the_uniform_prior_is_the_paper_loss_plus_log_c() -> None:
+    torch.manual_seed(0)
+    anchor, neighbor = torch.randn(2, 3, 16, 5)
+    plain = scan_loss(anchor, neighbor, 5.0)[0]
+    uniform = scan_loss(anchor, neighbor, 5.0, prior=torch.full((5,), 0.2))[0]
+    # KL(p || u) = log C - H(p), so consistency + w KL = consistency - w H + w log C
+    assert torch.allclose(uniform, plain + 5.0 * math.log(5), atol=1e-5)
+
+
+def test_scan_loss_prior_divergence_by_hand() -> None:
+    # every sample predicts cluster 0 with certainty: p_mean = (1, 0); prior (0.8, 0.2):
+    # KL = 1 * log(1 / 0.8); consistency -log(1) = 0
+    logits = torch.tensor([[30.0, -30.0]] * 4)
+    total, consistency, entropy = scan_loss(logits, logits, 2.0, prior=torch.tensor([0.8, 0.2]))
+    assert float(consistency) == pytest.approx(0.0, abs=1e-6)
+    assert float(total) == pytest.approx(2.0 * math.log(1 / 0.8), abs=1e-5)
+    assert float(entropy) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_per_cluster_mask_keeps_each_clusters_most_confident_share() -> None:
+    # cluster 0: confidences 0.9, 0.5, 0.7, 0.6 -> with 0.5 the top ceil(2) = 0.9 and 0.7;
+    # cluster 1: 0.3 alone -> ceil(0.5) = 1 keeps it; cluster 2: 0.4, 0.4 -> 1, the earlier
+    confidence = torch.tensor([0.9, 0.5, 0.3, 0.7, 0.4, 0.6, 0.4])
+    target = torch.tensor([0, 0, 1, 0, 2, 0, 2])
+    mask = per_cluster_mask(confidence, target, 3, 0.5)
+    assert mask.tolist() == [1, 0, 1, 1, 1, 0, 0]
+    assert per_cluster_mask(confidence, target, 3, 1.0).tolist() == [1] * 7
+
+
+def test_masked_cross_entropy_per_cluster_trains_where_nothing_passes_the_threshold() -> None:
+    weak = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 1.5], [0.0, 0.5]])  # all below 0.99
+    strong = torch.zeros(4, 2)
+    loss, count = masked_cross_entropy(weak, strong, 0.99, class_balance=False)
+    assert int(count) == 0 and float(loss) == 0.0
+    loss, count = masked_cross_entropy(weak, strong, 0.99, class_balance=False, fraction=0.5)
+    assert int(count) == 2  # the most confident of cluster 0 (row 0) and of cluster 1 (row 2)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)  # uniform strong logits

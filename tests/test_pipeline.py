@@ -192,6 +192,36 @@ def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
                           np.load(resumed / "neighbors/train.npy"))
 
 
+def test_adaptive_prior_and_per_cluster_selection_resume_identically(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the prior's estimate lives in the scan checkpoint; per-cluster self-label trains at a
+    # threshold (0.999) no sample of this tiny model reaches
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=3", "selflabel.epochs=3", "scan.prior=adaptive",
+                 "selflabel.selection=per_cluster", "selflabel.threshold=0.999"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out in (straight, resumed):
+        scanclust.pretext("demo", out, overrides=ov)
+        scanclust.mine("demo", out, overrides=ov)
+    for stage in (scanclust.scan, scanclust.selflabel):
+        stage("demo", straight, overrides=ov)
+        with monkeypatch.context() as m:
+            kill_at_epoch(m, 2)
+            with pytest.raises(Killed):
+                stage("demo", resumed, overrides=ov)
+        stage("demo", resumed, overrides=ov, resume=True)
+    a = load_checkpoint(straight / "scan" / "checkpoint.pt")
+    b = load_checkpoint(resumed / "scan" / "checkpoint.pt")
+    assert a["prior"].shape[-1] == 10 and torch.equal(a["prior"], b["prior"])  # [heads, K]
+    assert torch.allclose(a["prior"].sum(-1), torch.ones(len(a["prior"])), atol=1e-5)
+    for stage in ("scan", "selflabel"):
+        a = load_checkpoint(straight / stage / "checkpoint.pt")["model"]
+        b = load_checkpoint(resumed / stage / "checkpoint.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    summary = json.loads((straight / "selflabel" / "summary.json").read_text())
+    assert summary["selection"] == "per_cluster" and summary["confident"] == 0
+    assert summary["kept_epoch"] >= 1  # it trained, where the threshold would keep SCAN's weights
+
+
 def test_worker_data_path_runs_every_stage(tmp_path: Path) -> None:
     ov = TINY + ["perf.data_path=workers", "pretext.epochs=1", "scan.epochs=1",
                  "selflabel.epochs=1"]
@@ -451,6 +481,9 @@ def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path
     (["seed=-1"], "config key 'seed' in the overrides: -1 is outside"),
     (["pretext.weights=x.pth"],
      "pretext.weights' in the overrides: is set, but pretext.method=simclr"),
+    (["scan.prior=zipf"], "scan.prior' in the overrides: 'zipf' is not one of uniform, adaptive"),
+    (["selflabel.selection=top"],
+     "selflabel.selection' in the overrides: 'top' is not one of threshold, per_cluster"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     result = quick_cli("run", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, *args)

@@ -99,3 +99,28 @@ def test_header_says_when_self_label_kept_the_scan_weights(
         report(None, run, overrides=["progress=false"])
         page = (run / "report.html").read_text(encoding="utf-8")
         assert f"<span class='muted'>model</span> {shown}" in page
+    # the reason, by what the summary says happened
+    summary_path.write_text(json.dumps({**summary, "kept_epoch": 0, "most_confident": 0,
+                                        "selection": "threshold"}))
+    report(None, run, overrides=["progress=false"])
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "no image reached the confidence threshold 0.3 in any epoch" in page
+    assert "selflabel.selection=per_cluster" in page
+    summary_path.write_text(json.dumps({**summary, "kept_epoch": 0, "most_confident": 40,
+                                        "selection": "threshold"}))
+    report(None, run, overrides=["progress=false"])
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "no epoch raised the number of confident images" in page
+
+
+def test_cluster_sizes_stand_beside_the_uniform_prior_size(
+        folder_run: tuple[Path, Path, list[str]]) -> None:
+    import json
+
+    page = (folder_run[1] / "report.html").read_text(encoding="utf-8")
+    clusters = json.loads((folder_run[1] / "clusters.json").read_text())
+    rows = clusters["clusters"] if isinstance(clusters, dict) else clusters
+    total = sum(row["size"] for row in rows)
+    even = total / len(rows)
+    assert f"({total} / {len(rows)}); this run: scan.prior=" in page
+    assert page.count(f"; uniform {even:.0f})</span>") == len(rows)

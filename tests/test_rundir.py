@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import scanclust.rundir as rundir
+from scanclust import files, lock
 from scanclust.checkpoint import save_checkpoint
 from scanclust.config import ConfigError, load_config
 from scanclust.rundir import OUTPUTS, RunDir, RunDirError, compare_configs, exclusive, write_json
@@ -431,7 +431,7 @@ def test_second_writer_is_refused_with_the_holders_pid_and_a_dead_ones_lock_is_t
     assert (root / ".lock").read_text().strip() == str(holder.pid)  # stale: its owner is dead
     run = RunDir(root)
     run.lock()
-    fd = rundir._HELD[str(root.resolve())][0]  # reading through another descriptor would drop
+    fd = lock._HELD[str(root.resolve())][0]  # reading through another descriptor would drop
     assert os.pread(fd, 64, 0).decode().strip() == str(os.getpid())  # a POSIX lock
     run.release()
     assert not (root / ".lock").exists()
@@ -505,7 +505,7 @@ def test_failed_write_keeps_the_previous_file_and_says_why(tmp_path: Path,
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(rundir.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(RunDirError, match=f"cannot write {path}: No space left on device"):
         write_json(path, {"acc": 0.9})
     monkeypatch.undo()

@@ -18,7 +18,8 @@ from scanclust.losses import scan_loss
 from scanclust.models import ClusterModel, build_backbone
 from scanclust.rundir import RunDir
 from scanclust.models.saved import load_cluster_model
-from scanclust.stages.scan import partner_table, scan_body, selection_loss, with_self
+from scanclust.stages.scan import (AdaptivePrior, partner_table, scan_body, selection_loss,
+                                   with_self)
 from scanclust.step import TrainStep
 
 CPU = torch.device("cpu")
@@ -115,3 +116,15 @@ def test_a_version_1_stl_run_still_loads(tmp_path: Path) -> None:
     assert state["config"]["scan"]["partner"] == "neighbors"
     assert state["config"]["augment"]["strong"]["cutout_side"] == "fixed"
     assert FORMAT_VERSION == 2
+
+
+def test_adaptive_prior_follows_the_marginal_above_its_floor() -> None:
+    prior = AdaptivePrior(1, 2, momentum=0.9, floor=0.2, device=torch.device("cpu"))
+    assert prior.target().tolist() == [[0.5, 0.5]]
+    prior.update(torch.tensor([[[30.0, -30.0]] * 8]))  # every sample certain of cluster 0
+    # estimate 0.5 + 0.1 * (1 - 0.5) = 0.55; target 0.8 * 0.55 + 0.2 / 2 = 0.54
+    assert prior.estimate[0].tolist() == pytest.approx([0.55, 0.45], abs=1e-6)
+    assert prior.target()[0].tolist() == pytest.approx([0.54, 0.46], abs=1e-6)
+    for _ in range(500):
+        prior.update(torch.tensor([[[30.0, -30.0]] * 8]))
+    assert prior.target()[0].tolist() == pytest.approx([0.9, 0.1], abs=1e-4)  # floor / K = 0.1

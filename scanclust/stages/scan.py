@@ -23,7 +23,8 @@ from scanclust.data.pipelines import Augment, Batch, data_path_for
 from scanclust.engine import (Loop, cpu_state, feature_path, log, predict_logits,
                               prepare_model, stage)
 from scanclust.health import collapse_warning
-from scanclust.losses import EPS, scan_loss
+from scanclust.losses import (EPS, batch_marginal, cluster_probabilities, prior_divergence,
+                              scan_loss)
 from scanclust.models import ClusterModel, Heads, backbone_state, build_cluster_model
 from scanclust.preflight import num_clusters
 from scanclust.rundir import RunDir
@@ -31,24 +32,58 @@ from scanclust.runtime import autocast, derive_seed, seed_all
 
 STAGE = "scan"
 
+
+class AdaptivePrior:
+    """``scan.prior=adaptive``: the cluster prior of the SCAN loss (``losses.scan_loss``)
+    re-estimated from the model's own predictions instead of fixed at 1/K per cluster.
+
+    ``estimate`` (``[H, K]``, one per head, starting uniform) is an exponential moving average
+    of the global batch's mean prediction, decay ``momentum`` per step; the loss pulls the
+    batch mean towards ``target``, the estimate mixed with ``floor`` of the uniform prior. So a
+    cluster may keep the share of the data it has, while one shrinking below ``floor / K`` is
+    pushed back as hard as by the uniform prior: the entropy term's guard against empty
+    clusters stays, its pull towards equal sizes goes. The estimate lives on the device and
+    is updated in place inside the step (a captured CUDA graph replays the update); the
+    checkpoint holds it (``ScanLoop.state``).
+    """
+
+    def __init__(self, heads: int, clusters: int, momentum: float, floor: float,
+                 device: torch.device) -> None:
+        self.estimate = torch.full((heads, clusters), 1.0 / clusters, device=device)
+        self.momentum, self.floor = momentum, floor
+
+    def target(self) -> torch.Tensor:
+        return (1 - self.floor) * self.estimate + self.floor / self.estimate.shape[-1]
+
+    def update(self, anchor_logits: torch.Tensor) -> None:
+        """Move the estimate towards the global batch's mean prediction (one all-reduce of
+        ``[H, K]`` under torchrun, as the loss's own)."""
+        with torch.no_grad():
+            marginal = batch_marginal(cluster_probabilities(anchor_logits), global_batch=True)
+            self.estimate.lerp_(marginal, 1 - self.momentum)
+
+
 def scan_body(forward: Callable, augment: Augment, entropy_weight: float, device: torch.device,
-              amp: bool) -> Callable[[Batch], Batch]:
+              amp: bool, prior: AdaptivePrior | None = None) -> Callable[[Batch], Batch]:
     """The SCAN step's body (``scanclust.step``): anchors and partners through ``forward`` (the
     model on images, or its heads on cached features) in one pass, SCAN loss (entropy of the
-    global batch's mean prediction), gradients."""
+    global batch's mean prediction, or its divergence from the adaptive ``prior``, which the
+    step then updates), gradients."""
 
     def body(batch: Batch) -> Batch:
         views = augment(batch)
         with autocast(device, amp):
             logits = forward(torch.cat([views["anchor"], views["neighbor"]]))
         anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
-        total, consistency, entropy = scan_loss(anchor_logits, neighbor_logits, entropy_weight,
-                                                global_batch=True)
+        total, consistency, entropy = scan_loss(
+            anchor_logits, neighbor_logits, entropy_weight, global_batch=True,
+            prior=None if prior is None else prior.target())
         total.sum().backward()
+        if prior is not None:
+            prior.update(anchor_logits.detach())
         return {"loss": torch.stack([total.sum(), consistency.mean(), entropy.mean()]).detach()}
 
     return body
-
 
 
 class ScanLoop(Loop):
@@ -56,9 +91,10 @@ class ScanLoop(Loop):
     epoch so far are kept (``best``), with their weights."""
 
     def __init__(self, *args: Any, val: Callable[[], torch.Tensor], val_neighbors: np.ndarray,
-                 clusters: int, **kwargs: Any) -> None:
+                 clusters: int, prior: AdaptivePrior | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.val, self.val_neighbors, self.clusters = val, val_neighbors, clusters
+        self.prior = prior
         self.best: dict[str, Any] = {"loss": float("inf"), "head": 0, "epoch": 0,
                                      "model": cpu_state(self.model)}
         self.history: list[list[float]] = []
@@ -72,7 +108,8 @@ class ScanLoop(Loop):
 
     def end_epoch(self, stats: dict[str, Any]) -> dict[str, Any]:
         logits = self.val()
-        val_loss = selection_loss(logits, self.val_neighbors, self.settings)
+        prior = None if self.prior is None else self.prior.target().cpu()
+        val_loss = selection_loss(logits, self.val_neighbors, self.settings, prior)
         self.history.append(val_loss.tolist())
         self.head = int(val_loss.argmin())
         self.head_loss = float(val_loss[self.head])
@@ -88,15 +125,20 @@ class ScanLoop(Loop):
 
     def state(self) -> dict[str, Any]:
         return {"best": self.best, "history": self.history, "num_clusters": self.clusters,
-                "num_heads": self.settings.num_heads}
+                "num_heads": self.settings.num_heads,
+                "prior": None if self.prior is None else self.prior.estimate.cpu()}
 
     def load(self, state: dict[str, Any]) -> None:
         self.best, self.history = state["best"], state["history"]
+        if self.prior is not None:  # in place: a captured step holds the tensor
+            self.prior.estimate.copy_(state["prior"])
 
 
 def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weight: float,
-                      chunk: int = 1024) -> torch.Tensor:
-    """SCAN loss per head over a whole split, each sample against all its neighbours.
+                      chunk: int = 1024, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """SCAN loss per head over a whole split, each sample against all its neighbours (with
+    ``prior``, ``[H, K]``, its divergence from the prior in place of the entropy, as in
+    training).
 
     Anchors are taken ``chunk`` at a time so memory stays ``H x chunk x K x C`` (ImageNet val
     with 10 heads, K = 50 and 1000 clusters would need 100 GB at once).
@@ -111,6 +153,8 @@ def heldout_scan_loss(logits: torch.Tensor, neighbors: np.ndarray, entropy_weigh
         sims = (anchor * probs[:, rows]).sum(-1)  # [H, c, K]
         log_sims += torch.log(sims.clamp_min(EPS)).sum(dim=(1, 2))
     consistency = -log_sims / (n * k)
+    if prior is not None:
+        return consistency + entropy_weight * prior_divergence(probs.mean(1), prior)
     _, _, entropy = scan_loss(logits, logits, 0.0)
     return consistency - entropy_weight * entropy
 
@@ -128,7 +172,8 @@ def partner_table(neighbors: np.ndarray, sc: ScanConfig) -> np.ndarray:
     return with_self(neighbors) if sc.partner == "neighbors_and_self" else neighbors
 
 
-def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig) -> torch.Tensor:
+def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig,
+                   prior: torch.Tensor | None = None) -> torch.Tensor:
     """The label-free loss that picks the kept head and epoch, per head.
 
     The authors' released behaviour (the default): consistency - 1 x entropy over each image's
@@ -142,7 +187,7 @@ def selection_loss(logits: torch.Tensor, neighbors: np.ndarray, sc: ScanConfig) 
     if sc.selection_self:
         table = with_self(table)
     weight = sc.entropy_weight if sc.selection_entropy_weight is None else sc.selection_entropy_weight
-    return heldout_scan_loss(logits, table, weight)
+    return heldout_scan_loss(logits, table, weight, prior=prior)
 
 
 def load_neighbors(run: RunDir, split: str, count: int | None) -> np.ndarray | None:
@@ -188,10 +233,12 @@ def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
                                   cfg.amp, False)[0]
     views = {"anchor": sc.augment, "neighbor": sc.augment}
     augment = data.augment(train_set, views, partner_table(train_neighbors, sc))
+    prior = (AdaptivePrior(sc.num_heads, clusters, sc.prior_momentum, sc.prior_floor, device)
+             if sc.prior == "adaptive" else None)
     loop = ScanLoop(STAGE, cfg, run, model,
-                    scan_body(forward, augment, sc.entropy_weight, device, cfg.amp), data,
+                    scan_body(forward, augment, sc.entropy_weight, device, cfg.amp, prior), data,
                     augment, len(train_set), device, val=val, val_neighbors=val_neighbors,
-                    clusters=clusters)
+                    clusters=clusters, prior=prior)
     loop.fit(resume=status == "resume")
     best = loop.best
     if "sizes" in best:
