@@ -10,6 +10,10 @@ reports mean and std. The ImageNet top-1 accuracy and GFLOPs come from torchvisi
 metadata (no download). Prints a table and one JSON line (``--json`` writes it to a file).
 
     python benchmarks/backbones.py --images 256 --repeats 3
+    python benchmarks/backbones.py --cluster mobilenet_v3_large --folder-images 3000
+        the whole ``scanclust cluster FOLDER --preset cpu --backbone NAME`` on a folder of
+        CIFAR-10 train JPEGs (the first N/10 of each class), timed per stage, with the model's
+        random weights standing in for its ImageNet ones (the same speed; no download)
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, sync  # noqa: E402
+from benchmarks.common import DEFAULT_ARCHIVE, machine, sync  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.engine import prepare_model  # noqa: E402
 from scanclust.models.pretrained import input_settings, library_backbone  # noqa: E402
@@ -52,6 +56,43 @@ def rate(name: str, images: int, batch: int, device: torch.device) -> float:
     return max(1, images // batch) * batch / (time.perf_counter() - start)
 
 
+def cluster_run(name: str, count: int, archive: Path) -> dict:
+    """Seconds of a whole ``cluster --preset cpu --backbone name`` run on ``count`` CIFAR-10
+    JPEGs, with random weights in place of the pretrained ones."""
+    import tarfile
+    import tempfile
+
+    import scanclust.models.pretrained as pretrained
+    from scanclust.folder import cluster
+    from scanclust.files import read_json
+
+    pretrained.pretrained_state = lambda model: library_backbone(model).state_dict()
+    import logging
+
+    logging.getLogger("scanclust").addHandler(logging.StreamHandler(sys.stderr))
+    logging.getLogger("scanclust").setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, per_class, seen = Path(tmp) / "images", count // 10, {}
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if member.isfile() and len(parts) >= 3 and parts[-3] == "train" and \
+                        seen.get(parts[-2], 0) < per_class:
+                    seen[parts[-2]] = seen.get(parts[-2], 0) + 1
+                    (folder / parts[-2]).mkdir(parents=True, exist_ok=True)
+                    (folder / parts[-2] / parts[-1]).write_bytes(tar.extractfile(member).read())
+        out = Path(tmp) / "run"
+        start = time.perf_counter()
+        cluster(folder, out, backbone=name, preset="cpu", overrides=["progress=false"])
+        wall = time.perf_counter() - start
+        stages = {stage: read_json(out / stage / "summary.json").get("seconds")
+                  for stage in ("mine", "scan", "selflabel")
+                  if (out / stage / "summary.json").is_file()}
+        return {"model": name, "images": sum(seen.values()), "wall_s": round(wall, 1),
+                "stage_s": stages, "k": read_json(out / "choose_k.json")["k"]
+                if (out / "choose_k.json").is_file() else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256, help="images timed per candidate")
@@ -59,7 +100,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cluster", metavar="NAME", help="time a whole cluster run instead")
+    parser.add_argument("--folder-images", type=int, default=3000)
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     args = parser.parse_args()
+    if args.cluster:
+        line = json.dumps({"benchmark": "backbones-cluster", **machine(),
+                           **cluster_run(args.cluster, args.folder_images, args.archive)})
+        print(line)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(line + "\n")
+        return
     import torchvision.models as tvm
 
     device = torch.device("cpu")

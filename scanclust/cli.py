@@ -63,16 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="repeat with N seeds; report mean ± std")
     _common(p)
     _cluster_parsers(sub)
-    _review_parsers(sub)
     p = sub.add_parser("config", help="print a resolved config as YAML")
     p.add_argument("config", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 
 
+def _command(sub: argparse._SubParsersAction, name: str, text: str,
+             more: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose one-line help opens its longer description."""
+    return sub.add_parser(name, help=text, description=text + more)
+
+
 def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
-    text = "cluster a folder of images: config chosen from the data, all stages, a report"
-    p = sub.add_parser("cluster", help=text, description=text + (
+    p = _command(sub, "cluster", "cluster a folder of images: config chosen from the data, "
+                 "all stages, a report", (
         ". Writes assignments.csv, clusters.json, skipped.txt and report.html in the run "
         "directory."))
     p.add_argument("folder", metavar="FOLDER", help="folder of images (subfolders included)")
@@ -98,8 +103,7 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image instead of skipping it")
     _common(p)
-    text = "assign new images to the clusters of a finished run"
-    p = sub.add_parser("predict", help=text, description=text + (
+    p = _command(sub, "predict", "assign new images to the clusters of a finished run", (
         ": prints CSV (path, cluster, confidence) or writes it with --csv; unreadable files "
         "are skipped with a warning and listed on stderr"))
     p.add_argument("run", metavar="RUN", help="run directory with a finished SCAN stage")
@@ -116,18 +120,15 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (same as device=...)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-
-
-def _review_parsers(sub: argparse._SubParsersAction) -> None:
-    text = "look at and correct the clusters of a folder run in a local web page"
-    p = sub.add_parser("review", help=text, description=text + (
+    p = _command(sub, "review", "look at and correct the clusters of a folder run in a local "
+                 "web page", (
         ": name, merge, move, exclude, undo; every edit is saved at once to RUN/labels.json "
         "and shows in assignments.csv, clusters.json, the report, predict and export"))
     p.add_argument("run", metavar="RUN", help="run directory of scanclust cluster (or report)")
     p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
-    text = "write the labelled data set of a folder run (its reviewed names and edits)"
-    p = sub.add_parser("export", help=text, description=text + (
+    p = _command(sub, "export", "write the labelled data set of a folder run (its reviewed "
+                 "names and edits)", (
         "; excluded images are left out, and without a review the clusters are the labels "
         "(cluster_00, ...). folders: DEST/<label>/<path in the folder>; imagefolder: "
         "DEST/<label>/<path with / as __>, every file one torchvision's ImageFolder reads; "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scanclust import distributed
+from scanclust import distributed, frozen_features
 from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scanclust.config import Config, ConfigError, OptimConfig, load_config
 from scanclust.data.pipelines import (Augment, Batches, DataPath, FeaturePath, feature_store,
@@ -339,12 +339,36 @@ def infer(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ..
                  for column in zip(*parts))
 
 
+def eval_features(backbone: nn.Module, data: DataPath, dataset: Any, batch_size: int,
+                  device: torch.device, amp: bool, show: bool, desc: str,
+                  store: tuple[torch.device | str, torch.dtype] = ("cpu", torch.float32)
+                  ) -> torch.Tensor:
+    """``backbone`` on the eval view of every image, kept on ``store``; inside
+    ``frozen_features.remembering()`` computed once for the same weights and inputs."""
+    def compute() -> torch.Tensor:
+        return infer(backbone, data, dataset, batch_size, device, amp, show, desc, "eval",
+                     0, store)[0]
+
+    if not frozen_features.active() or distributed.world_size() > 1:
+        return compute()
+    first = next(iter(data.views(dataset, {"image": "eval"}, batch_size, shuffle=False,
+                                 seed=0, train=False, shard=True)))["image"]
+    return frozen_features.features(backbone, first, len(dataset), compute).to(*store)
+
+
 def predict_logits(model: nn.Module, data: DataPath, dataset: Any, batch_size: int,
                    device: torch.device, amp: bool, show: bool,
                    desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
     """A cluster model's eval-view logits ``[H, N, C]`` and backbone features ``[N, D]`` of a
     whole split, float32 on the CPU."""
     model.eval()
+    if frozen_features.active():
+        features = eval_features(model.backbone, data, dataset, batch_size, device, amp, show,
+                                 desc)
+        with torch.no_grad(), autocast(device, amp):
+            logits = torch.cat([model.forward_heads(part.to(device)).float().cpu()
+                                for part in features.split(4096)], dim=1)
+        return logits, features
 
     def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = model.backbone(images)
@@ -364,9 +388,13 @@ def cache_features(backbone: nn.Module, data: DataPath, dataset: Any, kind: str,
     backbone.eval()
     out: torch.Tensor | None = None
     for v in range(views + 1):
-        (features,) = infer(backbone, data, dataset, batch_size, device, amp, show,
-                            f"features view {v}/{views}", "eval" if v == 0 else kind,
-                            derive_seed(seed, "cache", v), store)
+        if v == 0 and frozen_features.active():
+            features = eval_features(backbone, data, dataset, batch_size, device, amp, show,
+                                     f"features view 0/{views}", store)
+        else:
+            (features,) = infer(backbone, data, dataset, batch_size, device, amp, show,
+                                f"features view {v}/{views}", "eval" if v == 0 else kind,
+                                derive_seed(seed, "cache", v), store)
         if out is None:
             out = torch.empty(views + 1, *features.shape, dtype=store[1], device=store[0])
         out[v] = features

@@ -129,6 +129,10 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
                       "selflabel.epochs": 20})
         return s
     views = CACHED_VIEWS[preset]
+    if preset == "cpu":
+        # inference batches of 32: at 224 px a batch of 512 runs regnet_y_800mf at 24 img/s on
+        # 2 cores, one of 32 at 54 (benchmarks/RESULTS.md); the results are the same
+        s.update({"mine.batch_size": 32, "evaluate.batch_size": 32})
     s.update({
         "pretext.epochs": 0,
         "scan.epochs": 2 if quick else 100, "scan.batch_size": 256, "scan.num_heads": 10,
@@ -382,8 +386,11 @@ def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[
             def choose(cfg: Config) -> Config:
                 return load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,
                                                                                criterion)})
-    run_stages(cfg, out, resume, force, before_scan=choose)
-    summary = report(cfg, out, export=export)
+    from scanclust import frozen_features
+
+    with frozen_features.remembering():  # the frozen backbone's eval features, computed once
+        run_stages(cfg, out, resume, force, before_scan=choose)
+        summary = report(cfg, out, export=export)
     summary["total_seconds"] = time.perf_counter() - started
     log.info("cluster: done in %.1f s; open %s", summary["total_seconds"],
              Path(out) / "report.html")

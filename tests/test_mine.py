@@ -57,3 +57,25 @@ def test_neighbor_purity_hand_example() -> None:
                           [0, 2]])  # other, same
     # k=1: 3 of 4 first neighbours share the class; k=2: 4 of 8. k=5 is skipped.
     assert neighbor_purity(neighbors, targets, ks=(1, 2, 5)) == {"purity@1": 0.75, "purity@2": 0.5}
+
+
+def test_a_folder_without_val_root_is_encoded_once(tmp_path, monkeypatch) -> None:
+    """Its val split is the train images again: the same features and neighbours, one pass."""
+    import scanclust
+    import scanclust.stages.mine as mine_module
+    from tests.conftest import TINY, write_digit_folder
+
+    calls = []
+    real = mine_module.extract_features
+    monkeypatch.setattr(mine_module, "extract_features",
+                        lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    write_digit_folder(tmp_path / "f", per_class=8, nested=False)
+    ov = TINY + ["data.dataset=folder", f"data.root={tmp_path / 'f'}", "model.num_clusters=3",
+                 f"data.cache_dir={tmp_path / 'cache'}", "pretext.epochs=1"]
+    scanclust.pretext("demo", tmp_path / "run", overrides=ov)
+    scanclust.mine("demo", tmp_path / "run", overrides=ov)
+    assert calls == ["features train"]
+    neighbors = tmp_path / "run" / "neighbors"
+    assert np.array_equal(np.load(neighbors / "features_train.npy"),
+                          np.load(neighbors / "features_val.npy"))
+    assert np.array_equal(np.load(neighbors / "train.npy"), np.load(neighbors / "val.npy"))

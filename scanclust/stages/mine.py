@@ -22,7 +22,8 @@ from scanclust.checkpoint import load_checkpoint, load_state
 from scanclust.config import Config
 from scanclust.data import ImageDataset, build_dataset
 from scanclust.data.pipelines import DataPath, data_path_for
-from scanclust.engine import infer, log, prepare_model, stage
+from scanclust import frozen_features
+from scanclust.engine import eval_features, infer, log, prepare_model, stage
 from scanclust.rundir import RunDir
 from scanclust.health import check_finite_array
 from scanclust.knn import mine_neighbors
@@ -67,10 +68,12 @@ def mine(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
     load_state(model, state["model"], run.checkpoint("pretext"))
     prepare_model(model, cfg, device)
     model.eval()
-    encode = _encoder(model, cfg.mine.features, state.get("has_head", True))
+    has_head = state.get("has_head", True)
+    encode = _encoder(model, cfg.mine.features, has_head)
     mc = cfg.mine
 
     summary: dict[str, Any] = {"topk": mc.topk, "features": mc.features}
+    done: tuple[list, torch.Tensor] | None = None  # the train split's paths and features
     for split in ("train", "val"):
         dataset = build_dataset(cfg.data, split)
         k = mc.topk
@@ -80,9 +83,19 @@ def mine(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
             k = len(dataset) - 1  # val neighbours only feed the held-out SCAN loss
             if k < 1:
                 continue
-        feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
-                                 mc.batch_size, device, cfg.amp, cfg.progress,
-                                 f"features {split}")
+        paths = getattr(dataset, "paths", None)
+        if done is not None and paths is not None and paths == done[0]:
+            feats = done[1]  # a folder without data.val_root: val is the train images again
+        elif frozen_features.active() and not (mc.features == "head" and has_head):
+            feats = F.normalize(eval_features(model.backbone, data_path_for(cfg, device, dataset),
+                                              dataset, mc.batch_size, device, cfg.amp,
+                                              cfg.progress, f"features {split}"), dim=1)
+        else:
+            feats = extract_features(encode, data_path_for(cfg, device, dataset), dataset,
+                                     mc.batch_size, device, cfg.amp, cfg.progress,
+                                     f"features {split}")
+        if split == "train":
+            done = (paths, feats)
         stored = feats.numpy().astype(np.float16)  # float16 overflows above 65504
         check_finite_array(stored, "the pretext features", STAGE, cfg)
         neighbors = mine_neighbors(feats, k, mc.backend, mc.chunk_size, device).numpy()
