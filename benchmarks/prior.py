@@ -98,7 +98,8 @@ def variant(base: Path, target: Path, overrides: list[str], redo: tuple[str, ...
     """Run ``redo`` then evaluate in ``target`` (linked to ``base``'s ``linked`` stages); the
     cached result when it is there."""
     if (target / "result.json").is_file():
-        return read_json(target / "result.json")
+        return {**read_json(target / "result.json"),
+                "selflabel_summary": read_json(target / "selflabel" / "summary.json")}
     if target.exists():
         import shutil
 
@@ -112,7 +113,7 @@ def variant(base: Path, target: Path, overrides: list[str], redo: tuple[str, ...
         seconds[stage] = round(time.perf_counter() - started, 1)
     stages = read_json(target / "metrics.json")["stages"]
     result = {"overrides": overrides, "seconds": seconds,
-              "selflabel": read_json(target / "selflabel" / "summary.json"),
+              "selflabel_summary": read_json(target / "selflabel" / "summary.json"),
               **{name: {"acc": stages[name]["acc"], "nmi": stages[name]["nmi"],
                         "tv": size_distance(stages[name], true_sizes),
                         "sizes": stages[name]["cluster_sizes"]}
@@ -213,7 +214,7 @@ def print_table(table: dict) -> None:
                     values = np.array([r[stage][metric] for r in results])
                     cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
                 kept = "" if stage == "scan" else "  kept epochs " + ",".join(
-                    str(r["selflabel"]["kept_epoch"]) for r in results)
+                    str(r["selflabel_summary"]["kept_epoch"]) for r in results)
                 print(f"{label:28s} {stage:10s} {cells[0]:>13s} {cells[1]:>13s} "
                       f"{cells[2]:>13s}{kept}")
 

@@ -44,7 +44,8 @@ def test_plan_for_pretrained_backbones(tmp_path: Path) -> None:
     tv = plan("cpu", "resnet50", images=3000, side=400)
     assert tv["pretext.method"] == "pretrained" and tv["model.backbone"] == "resnet50"
     assert tv["data.image_size"] == 224 and tv["scan.update_backbone"] is False
-    assert tv["scan.cached_views"] == 2 and tv["selflabel.cached_views"] == 2
+    assert tv["scan.cached_views"] == 1 and tv["selflabel.cached_views"] == 1
+    assert tv["mine.batch_size"] == tv["evaluate.batch_size"] == 32  # 2.3x the rate of 512
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     local = plan("gpu", str(weights), images=3000, side=400)
