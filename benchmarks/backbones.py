@@ -19,7 +19,6 @@ metadata (no download). Prints a table and one JSON line (``--json`` writes it t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_ARCHIVE, machine, sync  # noqa: E402
+from benchmarks.common import DEFAULT_ARCHIVE, machine, report, sync  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.engine import prepare_model  # noqa: E402
 from scanclust.models.pretrained import input_settings, library_backbone  # noqa: E402
@@ -105,12 +104,8 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     args = parser.parse_args()
     if args.cluster:
-        line = json.dumps({"benchmark": "backbones-cluster", **machine(),
-                           **cluster_run(args.cluster, args.folder_images, args.archive)})
-        print(line)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(line + "\n")
+        report({"benchmark": "backbones-cluster", **machine(),
+                **cluster_run(args.cluster, args.folder_images, args.archive)}, args.json)
         return
     import torchvision.models as tvm
 
@@ -131,12 +126,8 @@ def main() -> None:
                       "imagenet_top1": top1, "input": input_settings(name)["image_size"]}
         print(f"{name:22s} {mean:7.1f} ± {rows[name]['std']:4.1f} {3000 / mean:9.0f} "
               f"{meta.get('_ops', 0):7.2f} {top1:6.1f}")
-    line = json.dumps({"benchmark": "backbones", **machine(), "threads": torch.get_num_threads(),
-                       "batch": args.batch, "repeats": args.repeats, "results": rows})
-    print(line)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
+    report({"benchmark": "backbones", **machine(), "threads": torch.get_num_threads(),
+            "batch": args.batch, "repeats": args.repeats, "results": rows}, args.json)
 
 
 if __name__ == "__main__":

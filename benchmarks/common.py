@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 import platform
@@ -64,6 +65,15 @@ def cifar10_jpeg(source: Path, split: str, limit: int | None = None) -> ArrayDat
     if not images:
         raise FileNotFoundError(f"no {split} images under {source}")
     return ArrayDataset(f"cifar10-jpeg/{split}", np.stack(images), np.array(labels), CLASSES)
+
+
+def report(result: dict, path: Path | None) -> None:
+    """Print ``result`` as one JSON line, and write it to ``path`` when one is given."""
+    line = json.dumps(result)
+    print(line)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(line + "\n")
 
 
 def machine() -> dict[str, str]:

@@ -23,7 +23,6 @@ writes it to a file too).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (DEFAULT_ARCHIVE, cifar10_jpeg, images_per_second,  # noqa: E402
-                               machine, training_steps)
+                               machine, report, training_steps)
 from scanclust.folder import plan  # noqa: E402
 from scanclust.config import load_config  # noqa: E402
 from scanclust.data import build_dataset  # noqa: E402
@@ -134,11 +133,7 @@ def main() -> None:
         result["results"][key] = row
         print(f"{key:16s} {row['nchw']['mean']:9.0f} ± {row['nchw']['std']:4.0f} "
               f"{row['nhwc']['mean']:9.0f} ± {row['nhwc']['std']:4.0f} {row['ratio_mean']:9.2f}x")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

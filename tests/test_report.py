@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -13,12 +12,7 @@ import pytest
 
 from scanclust.figures import cluster_prototypes
 from scanclust.results import MAX_THUMBNAILS
-from tests.conftest import XSS_NAME
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--window-size=1280,2000"]
-
+from tests.conftest import XSS_NAME, chromium_driver
 
 def test_prototypes_are_nearest_to_the_confident_core() -> None:
     # cluster 0: members 0-3; the 2 most confident (0, 1) average to [0.5, 0]: 0 and 1 are
@@ -28,31 +22,13 @@ def test_prototypes_are_nearest_to_the_confident_core() -> None:
     assert cluster_prototypes(probs, embeddings, count=3, top=2) == {0: [0, 1, 2], 1: [4]}
 
 
-def _driver(profile: Path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if binary is None or driver is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have Debian's chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("chromium or chromedriver not installed (apt-get install chromium "
-                    "chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 def test_report_in_headless_chromium(folder_run: tuple[Path, Path, list[str]],
                                      tmp_path: Path) -> None:
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
     _, out, readable = folder_run
-    driver = _driver(tmp_path / "profile")
+    driver = chromium_driver(tmp_path / "profile", 2000)
     try:
         driver.get((out / "report.html").resolve().as_uri())
         assert driver.title.startswith("scanclust")

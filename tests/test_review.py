@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,13 +25,8 @@ import pytest
 from scanclust.cli import main
 from scanclust.review import THUMBNAIL, close_review, open_review
 from scanclust.rundir import RunDirError
-from tests.conftest import XSS_NAME
+from tests.conftest import XSS_NAME, chromium_driver
 from tests.test_labels import copy_run
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run", "--disable-sync", "--window-size=1280,1400"]
-
 
 @contextlib.contextmanager
 def serving(run: Path, port: int = 0) -> Iterator[Any]:
@@ -252,24 +246,6 @@ def test_a_browser_if_there_is_one(monkeypatch, capsys) -> None:
     assert len(opened) == (1 if sys.platform.startswith("linux") else 2)
 
 
-def _driver(profile: Path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if binary is None or driver is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have Debian's chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("chromium or chromedriver not installed (apt-get install chromium "
-                    "chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 def test_review_in_headless_chromium(review_run: Path, tmp_path: Path) -> None:
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
@@ -277,7 +253,7 @@ def test_review_in_headless_chromium(review_run: Path, tmp_path: Path) -> None:
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     run = copy_run(review_run, tmp_path)
-    driver = _driver(tmp_path / "profile")
+    driver = chromium_driver(tmp_path / "profile", 1400)
     css = driver.find_element, driver.find_elements
     try:
         with serving(run) as server:
@@ -352,7 +328,7 @@ def test_thousands_of_images_in_pages(review_run: Path, tmp_path: Path) -> None:
         rows.append([f"many/{i:04d}.png", str(i % 3), f"{i / 3000:.6f}", "false"])
     with open(run / "assignments.csv", "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(rows)
-    driver = _driver(tmp_path / "profile")
+    driver = chromium_driver(tmp_path / "profile", 1400)
     try:
         with serving(run) as server:
             started = time.perf_counter()
