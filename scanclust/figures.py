@@ -62,10 +62,9 @@ def plot_confusion(matrix: np.ndarray, path: Path, class_names: list[str] | None
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     if max(rows, cols) <= ANNOTATE_MAX:
-        for i in range(rows):
-            for j in range(cols):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
     if class_names is not None and max(rows, cols) <= TICK_LABELS_MAX:
         if len(class_names) == rows:
             ax.set_yticks(range(rows), labels=class_names, fontsize=7)
@@ -87,20 +86,17 @@ def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, title: 
     if len(images) == 0:
         fig = Figure(figsize=(4, 1.5))
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
-        if title:
-            fig.suptitle(title)
-        _save(fig, path)
-        return
-    ncols = min(ncols, len(images))
-    nrows = math.ceil(len(images) / ncols)
-    fig = Figure(figsize=(1.3 * ncols, 1.5 * nrows + (0.4 if title else 0.0)))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, caption in zip(axes, images, captions):
-        # nearest keeps 8x8 digits blocky instead of a smoothed blur
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(caption, fontsize=7)
+    else:
+        ncols = min(ncols, len(images))
+        nrows = math.ceil(len(images) / ncols)
+        fig = Figure(figsize=(1.3 * ncols, 1.5 * nrows + (0.4 if title else 0.0)))
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, image, caption in zip(axes, images, captions):
+            # nearest keeps 8x8 digits blocky instead of a smoothed blur
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(caption, fontsize=7)
     if title:
         fig.suptitle(title)
     _save(fig, path)
