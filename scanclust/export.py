@@ -48,16 +48,10 @@ def folder_names(labels: Iterable[str]) -> dict[str, str]:
     for label in labels:
         base = re.sub(r'[/\\:*?"<>|\x00-\x1f]', "_", label).strip() or "unnamed"
         safe[label] = "_" + base[1:] if base.startswith(".") else base  # "..", ".hidden"
-    result: dict[str, str] = {}
     used: set[str] = set()
-    for label in sorted(safe, key=lambda label: (safe[label] != label, label)):
-        base = safe[label]  # a label that is a safe name already comes first and keeps it
-        name, k = base, 2
-        while name.casefold() in used:
-            name, k = f"{base}-{k}", k + 1
-        used.add(name.casefold())
-        result[label] = name
-    return result
+    # a label that is a safe name already comes first and keeps it
+    return {label: _unique(used, safe[label])
+            for label in sorted(safe, key=lambda label: (safe[label] != label, label))}
 
 
 def export(run: str | Path, dest: str | Path, fmt: str = "folders",
@@ -91,9 +85,8 @@ def export(run: str | Path, dest: str | Path, fmt: str = "folders",
     dest.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         text = io.StringIO(newline="")
-        writer = csv.writer(text)
-        writer.writerow(["path", "label"])
-        writer.writerows([escape_name(sources[i].absolute()), labels.label(i)] for i in rows)
+        csv.writer(text).writerows([["path", "label"]] + [
+            [escape_name(sources[i].absolute()), labels.label(i)] for i in rows])
         with atomic_write(dest, ExportError) as handle:
             handle.write(text.getvalue().encode("utf-8"))
         return summary
@@ -104,7 +97,7 @@ def export(run: str | Path, dest: str | Path, fmt: str = "folders",
         for i in rows:
             name = unescape_name(a.paths[i])
             if fmt == "imagefolder":
-                name = _unique(name.replace("/", "__"), used)
+                name = _unique(used, *os.path.splitext(name.replace("/", "__")))
             target = building / folders[labels.label(i)] / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.name.lower().endswith(IMAGEFOLDER_EXTENSIONS):
@@ -135,11 +128,10 @@ def _convert(source: Path, target: Path) -> None:
         raise ExportError(f"cannot read image {escape_name(source)}: {err}") from None
 
 
-def _unique(name: str, used: set[str]) -> str:
-    """``name``, or ``<stem>-2<suffix>``, ... when taken (ignoring case: a flat folder on a
-    case-insensitive disk)."""
-    stem, suffix = os.path.splitext(name)
-    k = 2
+def _unique(used: set[str], stem: str, suffix: str = "") -> str:
+    """``<stem><suffix>``, or ``<stem>-2<suffix>``, ... when taken (ignoring case: a flat
+    folder on a case-insensitive disk)."""
+    name, k = stem + suffix, 2
     while name.casefold() in used:
         name, k = f"{stem}-{k}{suffix}", k + 1
     used.add(name.casefold())
