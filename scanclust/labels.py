@@ -214,11 +214,9 @@ class Labels:
             raise LabelsError("a name cannot hold tabs, line breaks or other control characters")
         return name
 
-    def default_name(self, cluster: int) -> str:
-        return f"cluster_{cluster:0{max(2, len(str(self.assignments.num_clusters - 1)))}d}"
-
     def name(self, cluster: int) -> str:
-        return self.names.get(cluster) or self.default_name(cluster)
+        width = max(2, len(str(self.assignments.num_clusters - 1)))
+        return self.names.get(cluster) or f"cluster_{cluster:0{width}d}"
 
     def resolve(self, cluster: int) -> int:
         """The live cluster a model cluster's images went to by merges."""
@@ -287,17 +285,14 @@ def write_outputs(labels: Labels) -> None:
     which the next review or report rewrites."""
     a = labels.assignments
     text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(a.header + ["label"])
-    for i, row in enumerate(a.rows):
-        writer.writerow(row + [labels.label(i) or ""])
+    csv.writer(text).writerows([a.header + ["label"]] + [
+        row + [labels.label(i) or ""] for i, row in enumerate(a.rows)])
     with atomic_write(a.run / "assignments.csv") as handle:
         handle.write(text.getvalue().encode("utf-8"))
     names = labels.model_names()
     for entry in a.summary["clusters"]:
         c = entry["cluster"]
-        entry.update(name=names.get(c), merged_into=labels.resolve(c) if c in labels.merged
-                     else None)
+        entry.update(name=names.get(c), merged_into=labels.resolve(c) if c in labels.merged else None)
     write_json(a.run / "clusters.json", a.summary)
 
 
