@@ -81,15 +81,12 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
                                    cfg.evaluate.batch_size, device, cfg.amp, cfg.progress,
                                    "assigning")
     probs = torch.softmax(logits[0].float(), dim=1).numpy()
-    feats_np = feats.numpy()
     del model, clusterer
 
     paths = [escape_name(dataset.relative(i)) for i in range(len(dataset))]
     pred, confidence = probs.argmax(1), probs.max(1)
-    prototypes = cluster_prototypes(probs, feats_np, PROTOTYPES)
-    is_prototype = np.zeros(len(paths), dtype=bool)
-    for members in prototypes.values():
-        is_prototype[members] = True
+    prototypes = cluster_prototypes(probs, feats.numpy(), PROTOTYPES)
+    is_prototype = np.isin(np.arange(len(paths)), [i for m in prototypes.values() for i in m])
     write_assignments(run.root / "assignments.csv", paths, pred, confidence, is_prototype)
     clusters = cluster_summary(pred, confidence, prototypes, paths, probs.shape[1])
     write_json(run.root / "clusters.json", {
@@ -108,12 +105,11 @@ def report(config: Config | str | Path | dict | None = None, out: str | Path = "
                          skipped)
     with atomic_write(run.root / "report.html") as handle:
         handle.write(page.encode("utf-8"))
-    summary = {"seconds": time.perf_counter() - started, "num_images": len(paths),
-               "num_skipped": len(skipped), "num_clusters": int(probs.shape[1]),
-               "export": export, "report": str(run.root / "report.html")}
     log.info("report: %d images in %d clusters, %d skipped; wrote %s", len(paths),
              probs.shape[1], len(skipped), run.root / "report.html")
-    return summary
+    return {"seconds": time.perf_counter() - started, "num_images": len(paths),
+            "num_skipped": len(skipped), "num_clusters": int(probs.shape[1]),
+            "export": export, "report": str(run.root / "report.html")}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -128,33 +124,25 @@ def write_assignments(path: Path, paths: list[str], pred: np.ndarray, confidence
     """One row per image, in folder order; confidence is the max probability (6 decimals).
     ``paths`` are escaped names (``escape_name``)."""
     text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["path", "cluster", "confidence", "prototype"])
-    for i, name in enumerate(paths):
-        writer.writerow([name, int(pred[i]), f"{float(confidence[i]):.6f}",
-                         "true" if is_prototype[i] else "false"])
+    csv.writer(text).writerows([["path", "cluster", "confidence", "prototype"]] + [
+        [name, int(pred[i]), f"{float(confidence[i]):.6f}", "true" if is_prototype[i] else "false"]
+        for i, name in enumerate(paths)])
     with atomic_write(path) as handle:
         handle.write(text.getvalue().encode("utf-8"))
 
 
 def cluster_summary(pred: np.ndarray, confidence: np.ndarray, prototypes: dict[int, list[int]],
                     paths: list[str], num_clusters: int) -> list[dict[str, Any]]:
-    rows = []
-    for c in range(num_clusters):
-        members = pred == c
-        rows.append({"cluster": c, "size": int(members.sum()),
-                     "mean_confidence": float(confidence[members].mean()) if members.any()
-                     else None,
-                     "prototypes": [paths[i] for i in prototypes.get(c, [])]})
-    return rows
+    return [{"cluster": c, "size": int((pred == c).sum()),
+             "mean_confidence": float(confidence[pred == c].mean()) if c in pred else None,
+             "prototypes": [paths[i] for i in prototypes.get(c, [])]} for c in range(num_clusters)]
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     """``name<TAB>reason`` lines; both escaped (``escape_name``), so neither holds a tab or a
     line break and ``line.split("\\t")`` gives the two fields back."""
-    lines = [f"{name}\t{reason}\n" for name, reason in skipped]
     with atomic_write(path) as handle:
-        handle.write("".join(lines).encode("utf-8"))
+        handle.write("".join(f"{name}\t{reason}\n" for name, reason in skipped).encode("utf-8"))
 
 
 def export_clusters(folder: Path, dataset, pred: np.ndarray, mode: str) -> None:
@@ -169,11 +157,7 @@ def export_clusters(folder: Path, dataset, pred: np.ndarray, mode: str) -> None:
         target_dir = folder / f"{int(cluster):0{width}d}"
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / dataset.relative(i).replace("/", "__")
-        source = dataset.paths[i].resolve()
-        if mode == "symlink":
-            os.symlink(source, target)
-        else:
-            shutil.copy2(source, target)
+        (os.symlink if mode == "symlink" else shutil.copy2)(dataset.paths[i].resolve(), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,24 +193,19 @@ var(--low)}figure.low .p{background:var(--low)}figure.proto img{border:2px solid
 """
 
 
-def _img_tag(array: np.ndarray, alt: str) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=85)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(alt, quote=True)}">'
-
-
-def _png_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt, quote=True)}">'
+def _img_tag(data: bytes, kind: str, alt: str) -> str:
+    return (f'<img src="data:image/{kind};base64,{base64.b64encode(data).decode("ascii")}" '
+            f'alt="{html.escape(alt, quote=True)}">')
 
 
 def _figure(thumb: np.ndarray, name: str, confidence: float, css: str) -> str:
-    safe = html.escape(name, quote=True)
-    return (f'<figure class="t {css}" title="{safe} (confidence {confidence:.3f})">'
-            f'{_img_tag(thumb, name)}<span class="p">{confidence:.2f}</span>'
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.fromarray(thumb).save(jpeg, format="JPEG", quality=85)
+    return (f'<figure class="t {css}" title="{html.escape(name, quote=True)} (confidence '
+            f'{confidence:.3f})">{_img_tag(jpeg.getvalue(), "jpeg", name)}'
+            f'<span class="p">{confidence:.2f}</span>'
             f'<figcaption>{html.escape(Path(name).name)}</figcaption></figure>')
 
 
@@ -235,26 +214,20 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
                   clusters: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> str:
     """The whole page as one string: every name escaped, every image a data URI, no script
     (the page's security policy forbids scripts outright, so an odd file name cannot run one)."""
-    num_clusters = len(clusters)
-    order = {c: np.flatnonzero(pred == c)[np.argsort(-confidence[pred == c], kind="stable")]
-             for c in range(num_clusters)}
-    shown = {c: idx[:MAX_THUMBNAILS] for c, idx in order.items()}
-    low_count = max(1, int(round(LOW_SHARE * len(paths))))
-    low = np.argsort(confidence, kind="stable")[:low_count]
+    by_confidence = np.argsort(-confidence, kind="stable")
+    shown = {c: by_confidence[pred[by_confidence] == c][:MAX_THUMBNAILS] for c in range(len(clusters))}
+    low = np.argsort(confidence, kind="stable")[:max(1, round(LOW_SHARE * len(paths)))]
     low_set = set(low.tolist())
     needed = sorted(set(np.concatenate([*shown.values(), low]).tolist())
                     | {i for members in prototypes.values() for i in members})
-    side = _native_side(dataset, needed)
-    thumbs_array, failures = decoded_images([dataset.paths[i] for i in needed], side, None,
-                                            progress=cfg.progress, desc="thumbnails")
-    thumbs: dict[int, np.ndarray] = {}
-    k = 0
-    for j, i in enumerate(needed):
-        if j in failures:  # the file changed since decoding: show the cached pixels instead
-            thumbs[i] = np.asarray(dataset.images[i])
-        else:
-            thumbs[i] = thumbs_array[k]
-            k += 1
+    needed_paths = [dataset.paths[i] for i in needed]
+    side = max(8, min(THUMBNAIL, median_side(needed_paths) or THUMBNAIL))
+    decoded, failures = decoded_images(needed_paths, side, None, progress=cfg.progress,
+                                       desc="thumbnails")
+    # a file that changed since decoding shows the cached pixels instead
+    readable = iter(decoded)
+    thumbs = {i: np.asarray(dataset.images[i]) if j in failures else next(readable)
+              for j, i in enumerate(needed)}
 
     metrics = read_json(run.metrics_path) if run.metrics_path.is_file() else {}
     stage = final_stage(run)
@@ -263,20 +236,18 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
              f"img-src data:; style-src 'unsafe-inline'\">"
              f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
              f"<title>scanclust: {html.escape(escape_name(dataset.root.name))}</title>"
-             f"<style>{CSS}</style></head><body>"]
-    parts.append(_header(run, cfg, dataset, paths, clusters, skipped, metrics, stage))
-    parts.append("<main>")
-    parts.append(_charts(run, clusters, len(paths), metrics, stage, cfg.scan.prior))
-    parts.append(f"<section id='low'><div class='head'><h2>Least confident images</h2>"
-                 f"<span class='muted'>the {len(low)} images ({LOW_SHARE:.0%}) the model is "
-                 f"least sure about, flagged in red below; worth a look</span></div>"
-                 f"<div class='grid'>")
-    for i in low:
-        parts.append(_figure(thumbs[i], f"{paths[i]} (cluster {pred[i]})", confidence[i], "low"))
-    parts.append("</div></section>")
+             f"<style>{CSS}</style></head><body>",
+             _header(run, cfg, dataset, paths, clusters, skipped, metrics, stage), "<main>",
+             _charts(run, clusters, len(paths), metrics, stage, cfg.scan.prior),
+             f"<section id='low'><div class='head'><h2>Least confident images</h2>"
+             f"<span class='muted'>the {len(low)} images ({LOW_SHARE:.0%}) the model is "
+             f"least sure about, flagged in red below; worth a look</span></div>"
+             f"<div class='grid'>",
+             *(_figure(thumbs[i], f"{paths[i]} (cluster {pred[i]})", confidence[i], "low")
+               for i in low),
+             "</div></section>"]
     for row in clusters:
-        c = row["cluster"]
-        size = row["size"]
+        c, size = row["cluster"], row["size"]
         mean = "-" if row["mean_confidence"] is None else f"{row['mean_confidence']:.3f}"
         note = (f"showing the {MAX_THUMBNAILS} most confident of {size}; all are in "
                 f"assignments.csv" if size > MAX_THUMBNAILS else "sorted by confidence")
@@ -284,17 +255,14 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
                      f"<h2>{_title(row)}</h2><span class='muted'>{size} images, mean confidence "
                      f"{mean}; {note}</span></div>")
         if prototypes.get(c):
-            parts.append("<div class='protos grid'>")
-            for i in prototypes[c]:
-                parts.append(_figure(thumbs[i], paths[i], confidence[i], "proto"))
-            parts.append("</div>")
-        parts.append(f"<div class='grid' data-cluster='{c}'>")
-        for i in shown[c]:
-            css = "low" if int(i) in low_set else ""
-            parts.append(_figure(thumbs[i], paths[i], confidence[i], css))
-        parts.append("</div></section>")
-    parts.append(_skipped_section(skipped))
-    parts.append("</main></body></html>")
+            parts += ["<div class='protos grid'>",
+                      *(_figure(thumbs[i], paths[i], confidence[i], "proto") for i in prototypes[c]),
+                      "</div>"]
+        parts += [f"<div class='grid' data-cluster='{c}'>",
+                  *(_figure(thumbs[i], paths[i], confidence[i], "low" if int(i) in low_set else "")
+                    for i in shown[c]),
+                  "</div></section>"]
+    parts += [_skipped_section(skipped), "</main></body></html>"]
     return "".join(parts)
 
 
@@ -302,12 +270,6 @@ def _title(row: dict[str, Any], prefix: str = "Cluster ") -> str:
     """``Cluster 3``, or ``Cluster 3: sevens`` once a review named it (``labels.py``)."""
     name = f": {html.escape(row['name'])}" if row.get("name") else ""
     return f"{prefix}{row['cluster']}{name}"
-
-
-def _native_side(dataset, needed: list[int]) -> int:
-    """The median shorter side of the images shown, up to ``THUMBNAIL``."""
-    side = median_side([dataset.paths[i] for i in needed]) or THUMBNAIL
-    return max(8, min(THUMBNAIL, side))
 
 
 def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[dict],
@@ -320,9 +282,7 @@ def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[
         note = f"<div class='muted'>{html.escape(kept_scan_note(run.summary('selflabel'), cfg))}</div>"
     stats = [("images", len(paths)), ("clusters", len(clusters)), ("skipped files", len(skipped)),
              ("backbone", cfg.model.backbone), ("model", model)]
-    for key in ("acc", "nmi", "ari"):
-        if key in labelled:
-            stats.append((key.upper(), f"{labelled[key]:.3f}"))
+    stats += [(key.upper(), f"{labelled[key]:.3f}") for key in ("acc", "nmi", "ari") if key in labelled]
     cells = "".join(f"<div class='stat'><span class='muted'>{html.escape(name)}</span> "
                     f"<b>{html.escape(str(value))}</b></div>" for name, value in stats)
     nav = "".join(f"<a href='#cluster-{row['cluster']}'>{_title(row, '')} "
@@ -348,8 +308,7 @@ def kept_scan_note(summary: dict[str, Any], cfg: Config) -> str:
             f"selflabel.plateau_tolerance={sl.plateau_tolerance} of the data.")
 
 
-def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str,
-            prior: str = "uniform") -> str:
+def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str, prior: str) -> str:
     biggest = max((row["size"] for row in clusters), default=1) or 1
     even = total / max(len(clusters), 1)
     bars = "".join(
@@ -370,12 +329,12 @@ def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage:
                      f"{html.escape(str(choice.get('criterion', '')))} of the features' "
                      f"partitions; {html.escape(str(choice.get('rule', 'the highest wins')))} "
                      f"(K = {choice.get('k', '?')})</p>"
-                     f"{_png_tag(curve, 'criterion curve')}</div>")
+                     f"{_img_tag(curve.read_bytes(), 'png', 'criterion curve')}</div>")
     confusion = run.figures / f"{stage}_confusion.png"
     if metrics.get("stages", {}).get(stage, {}).get("acc") is not None and confusion.is_file():
         parts.append(f"<div class='chart figure'><h2>Confusion matrix</h2><p class='muted'>"
                      f"subfolder names against clusters (--labels-from-folders)</p>"
-                     f"{_png_tag(confusion, 'confusion matrix')}</div>")
+                     f"{_img_tag(confusion.read_bytes(), 'png', 'confusion matrix')}</div>")
     parts.append("</div></section>")
     return "".join(parts)
 
