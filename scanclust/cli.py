@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"built-in configs: {', '.join(builtin_configs())}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = _command(sub, name, text)
         p.add_argument("--config", "-c", help="built-in config name or YAML path "
                        "(default: the run directory's config.yaml)")
         p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
@@ -112,8 +112,8 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    text = "(re)write assignments.csv, clusters.json, skipped.txt and report.html of a folder run"
-    p = sub.add_parser("report", help=text, description=text)
+    p = _command(sub, "report", "(re)write assignments.csv, clusters.json, skipped.txt and "
+                 "report.html of a folder run")
     p.add_argument("--out", "-o", required=True, help="run directory")
     p.add_argument("--export", choices=("symlink", "copy"),
                    help="also write one folder per cluster into RUN/clusters/")
@@ -232,9 +232,6 @@ class _Stderr(logging.StreamHandler):
     when the first command set logging up (``main`` called again with stderr redirected, or
     after the first stream was closed, would otherwise print a logging traceback)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
@@ -272,7 +269,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return review_command(args.run, port=args.port, browser=not args.no_browser)
     if args.command == "export":
-        return _export(args)
+        from scanclust.export import export
+
+        done = export(args.run, args.dest, args.format, args.link)
+        how = "" if args.format == "csv" else f", {args.link or 'symlink'}"
+        print(f"exported {done['images']} images in {done['labels']} labels to {args.dest} "
+              f"({args.format}{how}); {done['excluded']} excluded images left out"
+              + (f"; {done['converted']} written as PNG for ImageFolder" if done["converted"] else ""))
+        if done["skipped_by_imagefolder"]:
+            logging.getLogger("scanclust").warning(
+                "images whose extension torchvision's ImageFolder skips by default (.gif, .jfif, "
+                "...): %d; --format imagefolder writes them as PNG", done["skipped_by_imagefolder"])
+        return 0
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
@@ -326,21 +334,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         STAGE_FUNCTIONS[args.command](args.config, out, overrides=overrides, resume=args.resume,
                                       force=args.force)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from scanclust.export import export
-
-    done = export(args.run, args.dest, args.format, args.link)
-    how = "" if args.format == "csv" else f", {args.link or 'symlink'}"
-    print(f"exported {done['images']} images in {done['labels']} labels to {args.dest} "
-          f"({args.format}{how}); {done['excluded']} excluded images left out"
-          + (f"; {done['converted']} written as PNG for ImageFolder" if done["converted"] else ""))
-    if done["skipped_by_imagefolder"]:
-        logging.getLogger("scanclust").warning(
-            "images whose extension torchvision's ImageFolder skips by default (.gif, .jfif, "
-            "...): %d; --format imagefolder writes them as PNG", done["skipped_by_imagefolder"])
     return 0
 
 
