@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,6 @@ CACHED_VIEWS = {"cpu": 1, "gpu": 10, "quick": 1}  # augmented views a pretrained
 AUTO_BACKBONE = "regnet_y_800mf"
 
 
-def inspect_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
-    """(number of images, median shorter side of up to ``sample`` of them, from headers)."""
-    paths = list_images(folder).paths
-    return len(paths), median_side(paths, sample) or 0
-
-
-def _epochs(samples: int, images: int, bounds: tuple[int, int], quick: bool) -> int:
-    if quick:
-        return samples
-    return int(min(max(math.ceil(samples / max(images, 1)), bounds[0]), bounds[1]))
-
-
 def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
     """The config (dotted keys) for ``images`` images of median shorter side ``side``.
 
@@ -87,6 +76,9 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
          "data.max_images": None, "data.num_workers": 0 if preset != "gpu" else 8,
          "data.mean": IMAGENET_MEAN, "data.std": IMAGENET_STD,
          "mine.topk": 20, "mine.features": "backbone",
+         "scan.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"},
+         "selflabel.augment": "strong",
+         "selflabel.optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"},
          "evaluate.kmeans_restarts": 3, "evaluate.figures": True}
     if backbone == "scratch":
         size = max(8, min(side or recipe["max_side"], recipe["max_side"]))
@@ -99,22 +91,17 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
             "augment.strong.cutout": max(1, size // 2),
             "model.backbone": name, "model.width": recipe["width"],
             "pretext.method": "simclr", "pretext.weights": None,
-            "pretext.epochs": _epochs(recipe["pretext"], images, EPOCH_BOUNDS["pretext"], quick),
             "pretext.batch_size": batch, "pretext.temperature": 0.1,
             "pretext.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4,
                               "schedule": "cosine", "final_lr_factor": 1e-3},
-            "scan.epochs": _epochs(recipe["scan"], images, EPOCH_BOUNDS["scan"], quick),
             "scan.batch_size": batch, "scan.num_heads": 5, "scan.num_neighbors": 10,
             "scan.update_backbone": True, "scan.cached_views": 0, "scan.augment": "strong",
-            "scan.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4,
-                           "schedule": "constant"},
-            "selflabel.epochs": _epochs(recipe["selflabel"], images, EPOCH_BOUNDS["selflabel"],
-                                        quick),
             "selflabel.batch_size": 2 * batch, "selflabel.update_backbone": True,
-            "selflabel.cached_views": 0, "selflabel.augment": "strong",
-            "selflabel.optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4,
-                                "schedule": "constant"},
+            "selflabel.cached_views": 0,
         })
+        s.update({f"{stage}.epochs": recipe[stage] if quick
+                  else min(max(math.ceil(recipe[stage] / max(images, 1)), low), high)
+                  for stage, (low, high) in EPOCH_BOUNDS.items()})
         if preset == "cpu":
             # Measured on 3,000 CIFAR-10 JPEGs (benchmarks/RESULTS.md): SCAN heads on cached
             # features of the frozen SimCLR backbone beat fine-tuning the whole network
@@ -138,12 +125,8 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
         "scan.epochs": 2 if quick else 100, "scan.batch_size": 256, "scan.num_heads": 10,
         "scan.num_neighbors": None, "scan.update_backbone": False, "scan.cached_views": views,
         "scan.augment": "simclr",
-        "scan.optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"},
         "selflabel.epochs": 1 if quick else 25, "selflabel.batch_size": 256,
         "selflabel.update_backbone": False, "selflabel.cached_views": views,
-        "selflabel.augment": "strong",
-        "selflabel.optim": {"name": "adam", "lr": 1e-4, "weight_decay": 1e-4,
-                            "schedule": "constant"},
     })
     path = Path(backbone)
     if path.is_file() or path.suffix in (".pt", ".pth", ".tar", ".bin", ".safetensors"):
@@ -153,10 +136,8 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
         return s
     from scanclust.models.pretrained import input_settings
 
-    s.update({"pretext.method": "pretrained", "pretext.weights": None,
-              "model.backbone": backbone})
-    settings = input_settings(backbone)
-    s.update({f"data.{k}": v for k, v in settings.items()})
+    s.update({"pretext.method": "pretrained", "pretext.weights": None, "model.backbone": backbone})
+    s.update({f"data.{k}": v for k, v in input_settings(backbone).items()})
     return s
 
 
@@ -260,16 +241,9 @@ def fit_to_folder(cfg: Config, images: int, clusters: int | str | None) -> Confi
         fitted["scan.num_neighbors"] = topk
     if fitted:
         log.info("cluster: %d images, so %s", images, ", ".join(
-            f"{key}={value} (instead of {_get(cfg, key)})" for key, value in fitted.items()))
+            f"{key}={value} (instead of {attrgetter(key)(cfg)})" for key, value in fitted.items()))
         cfg = load_config(cfg, fitted)
     return cfg
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def cluster(folder: str | Path, out: str | Path | None = None, *,
@@ -304,18 +278,18 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
         raise ConfigError(f"--criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     preset = resolve_preset(preset)
     said = None
-    if backbone == "auto":
-        if preset == "quick":
-            backbone = "scratch"
-        else:
-            backbone, *said = choose_backbone(out, resume)
+    if backbone == "auto" and preset == "quick":
+        backbone = "scratch"
+    elif backbone == "auto":
+        backbone, *said = choose_backbone(out, resume)
     try:
-        images, side = inspect_folder(folder)
+        paths = list_images(folder).paths
     except ImageReadError as err:
         raise ConfigError(f"FOLDER {folder}: {err}") from None
-    if images == 0:
+    if not paths:
         raise ConfigError(f"FOLDER {folder} contains no images (nor do its subfolders)")
-    settings = plan(preset, backbone, images, side)
+    side = median_side(paths) or 0  # from the headers of up to 200 of them
+    settings = plan(preset, backbone, len(paths), side)
     settings.update({"data.root": str(folder.resolve()),
                      "data.labels_from_folders": labels_from_folders, "data.strict": strict,
                      "data.cache_dir": str((out / "cache").resolve()),
@@ -370,23 +344,20 @@ def run_cluster(cfg: Config, out: Path, *, clusters: int | str | None, ks: list[
                 started: float) -> dict[str, Any]:
     """The stages through ``scanclust run``'s loop (``pipeline.run_stages``), K chosen
     between mine and SCAN when asked, then the report."""
+    from scanclust import frozen_features
     from scanclust.pipeline import run_stages
     from scanclust.results import report
 
     choose = None
     if ks:
         saved = chosen_earlier(out, ks, criterion) if not force else None
-        if saved is not None:
-            cfg = load_config(cfg, {"model.num_clusters": saved})
-        else:
-            # Until mining has run, the largest K to be tried stands in for the number of
-            # clusters, so the checks made before pretext trains hold for every choice.
-            cfg = load_config(cfg, {"model.num_clusters": ks[-1]})
-
+        # Without an earlier choice the largest K stands in for the number of clusters until
+        # mining has run, so the checks made before pretext trains hold for every choice.
+        cfg = load_config(cfg, {"model.num_clusters": saved or ks[-1]})
+        if saved is None:
             def choose(cfg: Config) -> Config:
-                return load_config(cfg, {"model.num_clusters": choose_clusters(cfg, out, ks,
-                                                                               criterion)})
-    from scanclust import frozen_features
+                k = choose_clusters(cfg, out, ks, criterion)
+                return load_config(cfg, {"model.num_clusters": k})
 
     with frozen_features.remembering():  # the frozen backbone's eval features, computed once
         run_stages(cfg, out, resume, force, before_scan=choose)
