@@ -275,8 +275,7 @@ def _title(row: dict[str, Any], prefix: str = "Cluster ") -> str:
 def _header(run: RunDir, cfg: Config, dataset, paths: list[str], clusters: list[dict],
             skipped: list, metrics: dict, stage: str) -> str:
     labelled = metrics.get("stages", {}).get(stage, {})
-    model = stage
-    note = ""
+    model, note = stage, ""
     if stage == "selflabel" and run.summary("selflabel").get("kept_epoch") == 0:
         model = "scan (self-label kept its weights)"
         note = f"<div class='muted'>{html.escape(kept_scan_note(run.summary('selflabel'), cfg))}</div>"
@@ -323,8 +322,8 @@ def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage:
              f"<div class='bars' style='margin-top:10px'>{bars}</div></div>"]
     curve = run.root / "choose_k.png"
     if curve.is_file():
-        choice = read_json(run.root / "choose_k.json") if (run.root / "choose_k.json").is_file() \
-            else {}
+        record = run.root / "choose_k.json"
+        choice = read_json(record) if record.is_file() else {}
         parts.append(f"<div class='chart figure'><h2>Choosing K</h2><p class='muted'>"
                      f"{html.escape(str(choice.get('criterion', '')))} of the features' "
                      f"partitions; {html.escape(str(choice.get('rule', 'the highest wins')))} "
