@@ -135,10 +135,9 @@ def _items(images: Any) -> Iterator[ImageInput]:
 
 
 def _is_image(item: Any) -> bool:
-    if isinstance(item, (str, Path, Image.Image)):
-        return True
-    return (isinstance(item, np.ndarray) and item.dtype == np.uint8
-            and (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))))
+    return isinstance(item, (str, Path, Image.Image)) or (
+        isinstance(item, np.ndarray) and item.dtype == np.uint8
+        and (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))))
 
 
 def load(run_dir: str | Path, stage: str | None = None, device: str = "auto") -> Clusterer:
