@@ -49,8 +49,7 @@ class KChoice:
 
 def normalize(features: np.ndarray) -> np.ndarray:
     feats = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    return feats / np.maximum(norms, 1e-12)
+    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
 def knn_graph(features: np.ndarray, k: int) -> np.ndarray:
@@ -160,8 +159,7 @@ def spectral_labels(vectors: np.ndarray, k: int, seed: int = 0, restarts: int = 
     length, of the first k eigenvectors."""
     from sklearn.cluster import KMeans
 
-    rows = normalize(vectors[:, :k])
-    return KMeans(k, n_init=restarts, random_state=seed).fit_predict(rows)
+    return KMeans(k, n_init=restarts, random_state=seed).fit_predict(normalize(vectors[:, :k]))
 
 
 def by_spectral(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
@@ -170,7 +168,7 @@ def by_spectral(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
     neighbours cross (on the digits demo's features its K = 10 partition has ARI 0.39-0.42
     with the classes, spectral clustering's 0.53-0.65); with 10 neighbours the graph sees a digit's
     writing styles as communities of their own, with 40 it sees the digits."""
-    values, vectors = data.spectrum
+    vectors = data.spectrum[1]
     scores = [modularity(spectral_labels(vectors, k, data.seed, data.restarts),
                          data.graph(SPECTRAL_K)) for k in ks]
     return scores, ks[int(np.argmax(scores))], "the highest wins"
@@ -201,17 +199,16 @@ def by_stability(data: Sample, ks: list[int], pairs: int = 4, share: float = 0.8
     rng = np.random.default_rng(data.seed)
     draws = [[np.sort(rng.choice(n, int(share * n), replace=False)) for _ in range(2)]
              for _ in range(pairs)]
-    scores = []
-    for k in ks:
-        agreement = []
-        for i, (a, b) in enumerate(draws):
-            labels = np.full((2, n), -1)
-            for j, rows in enumerate((a, b)):
-                labels[j, rows] = KMeans(k, n_init=1, random_state=data.seed + 2 * i + j
-                                         ).fit_predict(data.feats[rows])
-            both = (labels >= 0).all(0)
-            agreement.append(adjusted_rand_score(labels[0, both], labels[1, both]))
-        scores.append(float(np.mean(agreement)))
+
+    def agreement(k: int, i: int) -> float:
+        labels = np.full((2, n), -1)
+        for j, rows in enumerate(draws[i]):
+            labels[j, rows] = KMeans(k, n_init=1, random_state=data.seed + 2 * i + j
+                                     ).fit_predict(data.feats[rows])
+        both = (labels >= 0).all(0)
+        return adjusted_rand_score(labels[0, both], labels[1, both])
+
+    scores = [float(np.mean([agreement(k, i) for i in range(pairs)])) for k in ks]
     stable = [k for k, s in zip(ks, scores) if s >= level]
     best = max(stable) if stable else ks[int(np.argmax(scores))]
     return scores, best, f"the largest K above {level} wins"
@@ -229,10 +226,7 @@ def dispersion(feats: np.ndarray, labels: np.ndarray) -> float:
 def gap_choice(gaps: np.ndarray, spreads: np.ndarray, ks: list[int]) -> int:
     """Tibshirani's rule: the smallest K with ``gap(K) >= gap(K+1) - s(K+1)`` (the last K of
     the curve if none); ``gaps`` and ``spreads`` run over ``ks`` and one more K."""
-    for i, k in enumerate(ks):
-        if gaps[i] >= gaps[i + 1] - spreads[i + 1]:
-            return k
-    return ks[-1]
+    return next((k for i, k in enumerate(ks) if gaps[i] >= gaps[i + 1] - spreads[i + 1]), ks[-1])
 
 
 def by_gap(data: Sample, ks: list[int], references: int = 5) -> tuple[list[float], int, str]:
@@ -351,9 +345,8 @@ def score_partitions(features: np.ndarray, ks: list[int], criterion: str = DEFAU
     if criterion not in SCORERS:
         raise ValueError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     feats = normalize(features)
-    rng = np.random.default_rng(seed)
     if len(feats) > sample:
-        feats = feats[np.sort(rng.choice(len(feats), sample, replace=False))]
+        feats = feats[np.sort(np.random.default_rng(seed).choice(len(feats), sample, replace=False))]
     ks = [k for k in ks if 2 <= k < len(feats)]
     if not ks:
         raise ValueError(f"no K to try for {len(feats)} images")

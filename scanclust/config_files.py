@@ -6,6 +6,7 @@ would cost a user a day of GPU time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -140,12 +141,10 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
 
 def dotted_keys(data: Any, prefix: str = "") -> set[str]:
     """Every key of a nested mapping, sections included, as dotted paths."""
-    keys: set[str] = set()
-    if isinstance(data, dict):
-        for key, value in data.items():
-            keys.add(f"{prefix}{key}")
-            keys |= dotted_keys(value, f"{prefix}{key}.")
-    return keys
+    if not isinstance(data, dict):
+        return set()
+    return {k for key, value in data.items()
+            for k in (f"{prefix}{key}", *dotted_keys(value, f"{prefix}{key}."))}
 
 
 class Origin:
@@ -189,12 +188,8 @@ def build(cls: type, data: Any, prefix: str, origin: Origin) -> Any:
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(names)}"
         raise ConfigError(f"unknown config key '{prefix}{key}' in "
                           f"{origin.of(f'{prefix}{key}')}{hint}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}", origin)
-    return cls(**kwargs)
+    return cls(**{name: _coerce(hints[name], data[name], f"{prefix}{name}", origin)
+                  for name in names if name in data})
 
 
 def _coerce(tp: Any, value: Any, key: str, origin: Origin) -> Any:
@@ -205,44 +200,25 @@ def _coerce(tp: Any, value: Any, key: str, origin: Origin) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, key, origin)
             except ConfigError:
                 continue
         raise _type_error(key, tp, value, origin)
-    if origin_tp is list:
+    if origin_tp is list and isinstance(value, (list, tuple)):
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, tp, value, origin)
         return [_coerce(item_tp, v, f"{key}[{i}]", origin) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value, origin)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value, origin)
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):  # an infinite lr is never meant
-            return number
-        raise _type_error(key, tp, value, origin)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (tp is bool and isinstance(value, bool)) or (tp is int and number and isinstance(value, int)):
+        return value
+    if tp is float and (number or isinstance(value, str)):  # YAML reads "1e-4" as a string
+        with contextlib.suppress(ValueError):
+            if math.isfinite(float(value)):  # an infinite lr is never meant
+                return float(value)
+    if tp is str and (number or isinstance(value, str)):
+        return value if isinstance(value, str) else str(value)
+    if origin_tp is list or tp in (bool, int, float, str):
         raise _type_error(key, tp, value, origin)
     return value
 

@@ -95,9 +95,7 @@ def is_main() -> bool:
     """Whether this process writes files. Before the group exists the launcher's ``RANK`` tells,
     so that nothing is written twice even by code that runs before the first stage."""
     group = _group()
-    if group is not None:
-        return group.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    return (group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))) == 0
 
 
 def restart_count() -> int:
@@ -133,13 +131,11 @@ def setup(device: torch.device) -> None:
     # torchrun keeps its key-value store across ``--max-restarts``: without a prefix per
     # attempt, the restarted processes would find the dead ones' addresses and fail to connect.
     store = dist.PrefixStore(f"scanclust/attempt_{restart_count()}", store)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", store=store, rank=own_rank, world_size=size,
-                                timeout=TIMEOUT, device_id=device)
-    else:
-        dist.init_process_group("gloo", store=store, rank=own_rank, world_size=size,
-                                timeout=TIMEOUT)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=own_rank,
+                            world_size=size, timeout=TIMEOUT, **({"device_id": device} if cuda else {}))
     log.info("process %d of %d on %s", rank(), world_size(), device)
 
 
@@ -214,9 +210,8 @@ def _comm_device() -> torch.device:
     """NCCL moves only GPU tensors; gloo moves CPU tensors."""
     import torch
 
-    if _dist().get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    nccl = _dist().get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -242,7 +237,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     gradient of each process's loss reaches the process that computed the rows."""
     if not active():
         return x
-    import torch
     import torch.distributed.nn.functional
 
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)

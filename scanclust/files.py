@@ -67,13 +67,10 @@ def atomic_write(path: Path, error: type[UserError] = RunDirError,
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, UserError):
-            raise
-        raise error(f"cannot write {path}: {_reason(err)}{note}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, UserError):
+            raise error(f"cannot write {path}: {_reason(err)}{note}") from None
         raise
 
 
@@ -91,6 +88,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
 
 def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:

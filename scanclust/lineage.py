@@ -68,10 +68,8 @@ class Lineage:
 
     def output_digest(self, stage: str) -> str:
         """sha256 over the stage's output files: what a later stage was built from."""
-        total = hashlib.sha256()
-        for name, digest in self.output_files(stage).items():
-            total.update(f"{name}:{digest}\n".encode())
-        return total.hexdigest()
+        text = "".join(f"{name}:{digest}\n" for name, digest in self.output_files(stage).items())
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def output_files(self, stage: str) -> dict[str, str]:
         """sha256 of each output file the stage folder holds."""
@@ -80,9 +78,8 @@ class Lineage:
                 if (folder / name).is_file()}
 
     def lineage(self, stage: str) -> dict[str, Any]:
-        path = self.lineage_path(stage)
         try:
-            return read_json(path)
+            return read_json(self.lineage_path(stage))
         except (OSError, RunDirError):
             raise RunDirError(
                 f"{self.stage_dir(stage)} has no readable {LINEAGE_NAME}, so what it was built "
@@ -94,10 +91,19 @@ class Lineage:
         return (f"`scanclust {stage} --out {self.root} --force` (its old output is kept "
                 f"aside){later}")
 
-    def _stale(self, stage: str, dep: str, why: str) -> RunDirError:
-        return RunDirError(f"{self.stage_dir(stage)} was built from another {dep} output than "
-                           f"the one in {self.stage_dir(dep)} ({why}); redo it with "
-                           f"{self._redo(stage)}")
+    def _check_inputs(self, stage: str, recorded: dict[str, Any],
+                      will_run: frozenset[str] | set[str] = frozenset()) -> None:
+        """Refuse a stage built from other output of its inputs than they hold now."""
+        for dep in INPUTS[stage]:
+            if dep in will_run:
+                why = f"this call redoes or continues {dep}"
+            elif recorded.get("inputs", {}).get(dep) != self.output_digest(dep):
+                why = f"{dep} was redone or replaced since"
+            else:
+                continue
+            raise RunDirError(f"{self.stage_dir(stage)} was built from another {dep} output than "
+                              f"the one in {self.stage_dir(dep)} ({why}); redo it with "
+                              f"{self._redo(stage)}")
 
     def verify(self, stage: str) -> None:
         """A finished stage is intact: its output is the one it wrote, built from the current
@@ -111,9 +117,7 @@ class Lineage:
         recorded = self.lineage(stage)
         for dep in INPUTS[stage]:
             self.verify(dep)
-        for dep in INPUTS[stage]:
-            if recorded.get("inputs", {}).get(dep) != self.output_digest(dep):
-                raise self._stale(stage, dep, f"{dep} was redone or replaced since")
+        self._check_inputs(stage, recorded)
         if recorded.get("output") != self.output_digest(stage):
             raise RunDirError(f"{self.stage_dir(stage)}: {self._what_changed(stage, recorded)}; "
                               f"redo it with {self._redo(stage)}")
@@ -184,22 +188,16 @@ class Lineage:
                               f"--out {self.root} --force`{later}")
 
     def _read_by(self, stage: str, cfg: dict[str, Any]) -> dict[str, Fingerprint]:
-        """The fingerprints of the folders ``stage`` reads; {} for the data sets without files
-        of their own."""
+        """The fingerprints of the folders ``stage`` reads ({} for data sets without files)."""
         data = _data_config(cfg)
         return {} if data is None else {key: _fingerprint(data, key)
                                         for key in _reads(stage, cfg, data)}
 
     def _upstream(self, inputs: tuple[str, ...], will_run: frozenset[str] | set[str]) -> set[str]:
         """The finished stages ``inputs`` were built from, directly or not, that this call keeps."""
-        found: set[str] = set()
-        todo = list(inputs)
-        while todo:
-            dep = todo.pop()
-            if dep in found or dep not in STAGE_DIRS:
-                continue
-            found.add(dep)
-            todo += INPUTS[dep]
+        found = {dep for dep in inputs if dep in STAGE_DIRS}
+        for dep in list(found):
+            found |= self._upstream(INPUTS[dep], frozenset())
         return {d for d in found if d not in will_run and self.is_done(d)}
 
     def plan(self, stage: str, cfg: dict[str, Any], resume: bool, force: bool,
@@ -235,11 +233,7 @@ class Lineage:
                               f"output is kept aside), or choose another run directory")
         self._check_data({stage}, cfg)
         recorded = self.lineage(stage)
-        for dep in INPUTS[stage]:
-            if dep in will_run:
-                raise self._stale(stage, dep, f"this call redoes or continues {dep}")
-            if recorded.get("inputs", {}).get(dep) != self.output_digest(dep):
-                raise self._stale(stage, dep, f"{dep} was redone or replaced since")
+        self._check_inputs(stage, recorded, will_run)
         if state == "done":
             self.verify(stage)
         notes = compare_configs(stage, recorded.get("config", {}), cfg, state == "done",
@@ -278,7 +272,6 @@ def compare_configs(stage: str, old: dict[str, Any], new: dict[str, Any], done: 
                     folder: Path) -> list[str]:
     """Refuse keys that change ``stage``'s result; allow more epochs, with a warning."""
     before, after = _flatten(old), _flatten(new)
-    epochs_key = f"{stage}.epochs"
     refused, notes = [], []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key, ADDED_KEYS.get(key)), after.get(key)
@@ -286,7 +279,7 @@ def compare_configs(stage: str, old: dict[str, Any], new: dict[str, Any], done: 
             continue
         if key == "data.root" and after.get("data.dataset") in CHECKSUMMED:
             continue  # the same files, found elsewhere (a run moved to another machine)
-        if key == epochs_key and isinstance(a, int) and isinstance(b, int) and b > a:
+        if key == f"{stage}.epochs" and isinstance(a, int) and isinstance(b, int) and b > a:
             if done:
                 notes.append(f"{stage} finished with {a} epochs; {key}={b} is not applied "
                              f"(redo the stage with --force to train {b})")

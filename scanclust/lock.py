@@ -76,12 +76,10 @@ def take(root: Path) -> bool:
             raise RunDirError(
                 f"{root} is in use by process {holder}; wait for it to end or stop it "
                 f"(a lock left by a killed process is taken over automatically)") from None
-        try:  # the holder may have removed the file between our open and our lock
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        # the holder may have removed the file between our open and our lock
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -94,11 +92,8 @@ def release(root: Path) -> None:
 
 
 def exclusive(fn: Callable) -> Callable:
-    """A stage function (or the pipeline) holds the locks it takes until it returns.
-
-    ``begin_stage`` takes the lock; this releases it when the outermost such call ends, so
-    ``scanclust run`` keeps the run directory across all its stages.
-    """
+    """A stage function (or the pipeline) holds the locks it takes (``begin_stage`` takes
+    them) until it returns; the outermost such call releases them."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         held = set(_HELD)

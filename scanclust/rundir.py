@@ -121,11 +121,11 @@ class RunDir(Lineage):
 
     def _remove_orphans(self) -> None:
         """Temporary files of a process killed while writing: never complete, never read."""
-        folders = [self.root, self.figures] + [self.root / d for d in STAGE_DIRS.values()]
-        for folder in folders + [self.root / "cache"]:  # cache: ``data/cache.py``'s decodes
-            if folder.is_dir():
-                for tmp in [*folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
-                    tmp.unlink(missing_ok=True)
+        folders = [self.root, self.figures, *(self.root / d for d in STAGE_DIRS.values()),
+                   self.root / "cache"]  # cache: ``data/cache.py``'s decodes
+        for folder in filter(Path.is_dir, folders):
+            for tmp in [*folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
+                tmp.unlink(missing_ok=True)
 
     def start(self, stage: str, status: str, cfg: dict[str, Any]) -> None:
         """Make the stage folder ready after ``plan`` cleared it, and record the config.
@@ -199,11 +199,9 @@ class RunDir(Lineage):
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("stage") == stage and (keep_epochs == 0 or
-                                                 record.get("epoch", 0) > keep_epochs):
-                dropped.append(line if line.endswith("\n") else line + "\n")
-            else:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            ours = record.get("stage") == stage and (keep_epochs == 0 or
+                                                     record.get("epoch", 0) > keep_epochs)
+            (dropped if ours else kept).append(line if line.endswith("\n") else line + "\n")
         self.write_text(self.log_path, "".join(kept))
         return dropped
 

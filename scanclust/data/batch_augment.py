@@ -34,7 +34,8 @@ from scanclust.data.batch_ops import (AFFINE_ARGS, AFFINE_COLUMN, BLEND_OPS, aff
                                       crop_resize, device_table, fixed_boxes, inverse_affine,
                                       per_sample, random_boxes, sample_resized_crop,
                                       to_grayscale, to_uint8_grid)
-from scanclust.data.transforms import OP_RANGES, Warp, cutout_extent, op_ranges
+from scanclust.data.transforms import (OP_RANGES, Warp, check_strong_ops, cutout_extent,
+                                       op_ranges)
 
 STRONG_OP_IDS = {op: k for k, op in enumerate(OP_RANGES)}
 
@@ -45,8 +46,7 @@ STRONG_OP_IDS = {op: k for k, op in enumerate(OP_RANGES)}
 
 def autocontrast(x: Tensor) -> Tensor:
     """Stretch each channel of each image to 0..255 (constant channels stay as they are)."""
-    low = x.amin(dim=(2, 3), keepdim=True)
-    high = x.amax(dim=(2, 3), keepdim=True)
+    low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
     flat = high == low
     inv_scale = torch.where(flat, 1.0, (high - low) * (1.0 / 255.0))
     low = torch.where(flat, 0.0, low)
@@ -133,8 +133,7 @@ def _slot_parameters(ops: Sequence[str], chosen: Tensor, magnitudes: Tensor, hei
     kind = device_table(tuple(STRONG_OP_IDS[op] for op in ops), torch.long, chosen.device)[chosen]
 
     def drawn(*names: str) -> Tensor:
-        hits = [kind == STRONG_OP_IDS[n] for n in names]
-        return functools.reduce(torch.logical_or, hits)
+        return functools.reduce(torch.logical_or, [kind == STRONG_OP_IDS[n] for n in names])
 
     m = magnitudes
     out: dict[str, Tensor] = {"factor": torch.where(drawn(*BLEND_OPS), m, 1.0),
@@ -199,11 +198,7 @@ def random_strong_ops(x: Tensor, ops: Sequence[str], num_ops: int,
     """RandomStrongOps for a batch: each sample applies its own ``num_ops`` ops of ``ops``
     (independent draws, or distinct ones without ``replacement``), in its own order, each at
     its own uniform magnitude."""
-    for op in ops:
-        if op not in OP_RANGES:
-            raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
-    if num_ops < 0 or (not replacement and num_ops > len(ops)):
-        raise ValueError(f"num_ops={num_ops} must be between 0 and the {len(ops)} ops given")
+    check_strong_ops(ops, num_ops, replacement)
     chosen = sample_strong_ops(x.shape[0], len(ops), num_ops, generator, x.device, replacement)
     magnitudes = sample_magnitudes(ops, chosen, generator, op_ranges(posterize_bits))
     return apply_strong_ops(x, ops, chosen, magnitudes, warp)

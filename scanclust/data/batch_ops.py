@@ -1,10 +1,6 @@
 """Batched image ops for ``batch_augment``: crops, warps and colour, on a whole batch at once,
-every sample with its own parameters.
-
-Images travel as float32 on the 0..255 scale; each op rounds or truncates where torchvision's
-uint8 kernels do, so both paths agree pixel for pixel up to float noise (the tests give the
-tolerance per op). Nothing loops over samples or reads a value back to the host.
-"""
+every sample with its own parameters, on float32 images of 0..255 rounded where torchvision's
+uint8 kernels round (see ``batch_augment``)."""
 
 from __future__ import annotations
 
@@ -25,7 +21,6 @@ AFFINE_COLUMN = {"rotate": 0, "shear_x": 1, "shear_y": 2, "translate_x": 3, "tra
 AFFINE_ARGS = 7
 # The ops that blend with black, the grayscale mean or the grayscale image: one pass serves all.
 BLEND_OPS = ("brightness", "contrast", "color")
-
 
 
 def per_sample(values: Tensor) -> Tensor:
@@ -127,8 +122,7 @@ def _source_coords(start: Tensor, length: Tensor, out_size: int, flip: Tensor | 
     """Source pixel coordinates of each output pixel along one axis, as F.interpolate computes
     them (align_corners=False), clamped to the crop so that its edges are repeated like
     interpolate does rather than blended with the pixels outside the crop."""
-    j = torch.arange(out_size, device=start.device, dtype=torch.float32)
-    j = j.expand(start.shape[0], out_size)
+    j = torch.arange(out_size, device=start.device, dtype=torch.float32).expand(len(start), -1)
     if flip is not None:
         j = torch.where(flip[:, None], out_size - 1 - j, j)
     length = length[:, None].to(torch.float32)
@@ -152,8 +146,8 @@ def crop_resize(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor) -> Tensor
     gx = (2.0 * src_x + 1.0) / width - 1.0
     gy = (2.0 * src_y + 1.0) / height - 1.0
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    out = nnf.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round_()
+    return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                           align_corners=False).round_()
 
 
 def inverse_affine(args: Tensor) -> Tensor:
@@ -274,8 +268,7 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend with the mean of each image's grayscale version."""
-    mean = grayscale_of(x).mean(dim=(1, 2, 3), keepdim=True)
-    return blend(x, mean, factor)
+    return blend(x, grayscale_of(x).mean(dim=(1, 2, 3), keepdim=True), factor)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:

@@ -63,8 +63,7 @@ def decoded_images(paths: list[Path], size: int, cache_dir: str | Path | None,
             while len(_MEMORY) > _MEMORY_KEEP:
                 del _MEMORY[next(iter(_MEMORY))]
         return _MEMORY[key]
-    folder = Path(cache_dir)
-    array_path = folder / f"images-{size}px-{key}.npy"
+    array_path = Path(cache_dir) / f"images-{size}px-{key}.npy"
     meta_path = array_path.with_suffix(".json")
     if meta_path.is_file() and array_path.is_file():
         meta = json.loads(meta_path.read_text())

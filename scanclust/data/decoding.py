@@ -70,7 +70,6 @@ def _decode_chunk(target: Path, paths: list[str], rows: list[int],
         except ImageReadError as err:
             failures[row] = str(err)
     out.flush()
-    del out
     return failures
 
 
@@ -83,8 +82,7 @@ def decode_many(paths: Iterable[str | Path], size: int) -> tuple[np.ndarray, dic
         except ImageReadError as err:
             failures[i] = str(err)
             arrays.append(np.zeros((size, size, 3), dtype=np.uint8))
-    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
-    return stacked, failures
+    return (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)), failures
 
 
 def iter_decoded(paths: list[str | Path], size: int, batch_size: int,

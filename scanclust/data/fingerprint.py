@@ -57,8 +57,7 @@ def fingerprint(data: DataConfig, key: str) -> Fingerprint:
     from scanclust.data.sources import imagenet_files, list_folder
 
     if data.dataset == "folder":
-        folder = Path(data.val_root if key == "data.val_root" else data.root)
-        listing = list_folder(folder, key)
+        listing = list_folder(Path(data.val_root if key == "data.val_root" else data.root), key)
         return _fingerprint(listing.root, listing.paths)
     sub = key.rpartition("/")[2]
     return _fingerprint(Path(data.root) / sub, imagenet_files(data, sub)[0])

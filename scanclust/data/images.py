@@ -104,9 +104,7 @@ def extension_kind(name: str) -> str:
     suffix = os.path.splitext(name)[1].lower()
     if suffix in READABLE_EXTENSIONS:
         return "image"
-    if suffix in UNSUPPORTED_EXTENSIONS:
-        return "unsupported"
-    return "other"
+    return "unsupported" if suffix in UNSUPPORTED_EXTENSIONS else "other"
 
 
 def list_images(root: str | Path) -> Listing:
@@ -165,30 +163,22 @@ def _identity(stat: os.stat_result) -> tuple[int, int]:
 
 def _add_file(listing: Listing, path: Path) -> None:
     name = path.name
-    if name.startswith("._"):
-        if extension_kind(name[2:]) != "other":
-            listing.skipped.append((path, "macOS metadata file (AppleDouble), not an image"))
-        else:
-            listing.ignored += 1
-        return
-    if name.startswith("."):
-        listing.ignored += 1
-        return
     kind = extension_kind(name)
-    if kind == "other":
+    if name.startswith("._") and extension_kind(name[2:]) != "other":
+        listing.skipped.append((path, "macOS metadata file (AppleDouble), not an image"))
+    elif name.startswith(".") or kind == "other":
         listing.ignored += 1
-        return
-    if kind == "unsupported":
+    elif kind == "unsupported":
         fmt = UNSUPPORTED_EXTENSIONS[os.path.splitext(name)[1].lower()]
         listing.skipped.append((path, f"{fmt} images cannot be read by Pillow; convert to JPEG "
                                       f"or PNG"))
-        return
-    try:
-        os.stat(path)
-    except OSError as err:
-        listing.skipped.append((path, _reason(err)))
-        return
-    listing.paths.append(path)
+    else:
+        try:
+            os.stat(path)
+        except OSError as err:
+            listing.skipped.append((path, _reason(err)))
+            return
+        listing.paths.append(path)
 
 
 def _reason(err: BaseException) -> str:
@@ -219,8 +209,7 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
         with _open(path) as image:
             _draft(image, size)
             image.seek(0)
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError,

@@ -22,7 +22,6 @@ from scanclust.data.images import (READABLE_EXTENSIONS, ImageReadError, Listing,
                                    list_images)
 
 SPLITS = ("train", "val", "pretext")
-IMAGE_EXTENSIONS = READABLE_EXTENSIONS
 log = logging.getLogger("scanclust")
 IMAGENET_SUBSETS = ("imagenet_50", "imagenet_100", "imagenet_200")
 
@@ -49,22 +48,13 @@ def even_subset(n: int, limit: int | None) -> np.ndarray | None:
 
 
 def _build(cfg: DataConfig, split: str) -> ImageDataset:
-    name = cfg.dataset
-    if name == "cifar10":
-        return _cifar10(cfg, split)
-    if name == "cifar20":
-        return _cifar20(cfg, split)
-    if name == "stl10":
-        return _stl10(cfg, split)
-    if name == "imagenet" or name in IMAGENET_SUBSETS:
-        return _imagenet(cfg, split)
-    if name == "folder":
-        return _folder(cfg, split)
-    if name == "digits":
-        return _digits(cfg, split)
-    raise DatasetError(f"data.dataset={name!r} is not a known data set "
-                       f"(cifar10, cifar20, stl10, imagenet, {', '.join(IMAGENET_SUBSETS)}, "
-                       f"folder, digits)")
+    builders = {"cifar10": _cifar10, "cifar20": _cifar20, "stl10": _stl10, "folder": _folder,
+                "digits": _digits, **dict.fromkeys(("imagenet", *IMAGENET_SUBSETS), _imagenet)}
+    if cfg.dataset not in builders:
+        raise DatasetError(f"data.dataset={cfg.dataset!r} is not a known data set "
+                           f"(cifar10, cifar20, stl10, imagenet, {', '.join(IMAGENET_SUBSETS)}, "
+                           f"folder, digits)")
+    return builders[cfg.dataset](cfg, split)
 
 
 def _torchvision(make: Callable, cfg: DataConfig, title: str, folder: str) -> Any:
@@ -135,11 +125,6 @@ def _stl10(cfg: DataConfig, split: str) -> ArrayDataset:
                         list(classes) if classes is not None else None)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """All readable image files below ``folder``, sorted (see ``images.list_images``)."""
-    return list_images(folder).paths
-
-
 def _imagenet(cfg: DataConfig, split: str) -> FileDataset:
     """ImageNet or a subset in ImageFolder layout: ``root/{train,val}/<wnid>/*.JPEG``.
 
@@ -158,9 +143,8 @@ def imagenet_files(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], 
     base = root / ("val" if split == "val" else "train")
     if cfg.dataset == "imagenet":
         _require_dir(root / "train", root)  # the train folders define the 1000 labels
-        wnids = sorted(d.name for d in (root / "train").iterdir()
-                       if d.is_dir() and not d.name.startswith("."))
-        classes = wnids
+        wnids = classes = sorted(d.name for d in (root / "train").iterdir()
+                                 if d.is_dir() and not d.name.startswith("."))
     else:
         wnids, classes = _subset_classes(cfg.dataset)
     _require_dir(base, root)
@@ -170,7 +154,7 @@ def imagenet_files(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], 
         folder = base / wnid
         if not folder.is_dir():
             raise DatasetError(f"ImageNet class folder {wnid} of {cfg.dataset} missing under {base}")
-        images = _images_under(folder)
+        images = list_images(folder).paths
         if not images:
             raise DatasetError(f"ImageNet class folder {folder} of {cfg.dataset} contains no images")
         paths += images
@@ -209,7 +193,7 @@ def list_folder(folder: Path, key: str) -> Listing:
                 f"{escape_name(listing.skipped[0][0])}: {listing.skipped[0][1]})" \
             if listing.skipped else ""
         raise DatasetError(f"{key}={folder} contains no images (looked for "
-                           f"{', '.join(IMAGE_EXTENSIONS)} in it and its subfolders){found}")
+                           f"{', '.join(READABLE_EXTENSIONS)} in it and its subfolders){found}")
     return listing
 
 

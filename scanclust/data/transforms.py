@@ -44,6 +44,9 @@ OP_RANGES: dict[str, tuple[float, float] | None] = {
     "translate_y": (-0.1, 0.1),
     "posterize": (4, 8),
 }
+# The enhancement ops: torchvision's kernel of each, called with the factor.
+_ENHANCE = {"color": F.adjust_saturation, "contrast": F.adjust_contrast,
+            "brightness": F.adjust_brightness, "sharpness": F.adjust_sharpness}
 
 
 def op_ranges(posterize_bits: Sequence[int] | None = None) -> dict[str, tuple[float, float] | None]:
@@ -98,11 +101,7 @@ def sample_magnitude(op: str, ranges: dict[str, tuple[float, float] | None] = OP
 
 
 def apply_op(img: ImageLike, op: str, magnitude: float, warp: Warp = Warp()) -> ImageLike:
-    """Apply one strong op with a given magnitude; the output has the input's type and size.
-
-    The shear factor is turned into torchvision's degrees with atan; ``warp`` says how the
-    geometric ops resample (see Warp).
-    """
+    """Apply one strong op with a given magnitude; the output has the input's type and size."""
     if op == "identity":
         return img
     if op == "autocontrast":
@@ -115,14 +114,8 @@ def apply_op(img: ImageLike, op: str, magnitude: float, warp: Warp = Warp()) -> 
     if op == "solarize":
         # torchvision rejects thresholds above the dtype's maximum; 256 inverts no pixel.
         return img if magnitude > 255 else F.solarize(img, magnitude)
-    if op == "color":
-        return F.adjust_saturation(img, magnitude)
-    if op == "contrast":
-        return F.adjust_contrast(img, magnitude)
-    if op == "brightness":
-        return F.adjust_brightness(img, magnitude)
-    if op == "sharpness":
-        return F.adjust_sharpness(img, magnitude)
+    if op in _ENHANCE:
+        return _ENHANCE[op](img, magnitude)
     if op in ("shear_x", "shear_y"):
         degrees = math.degrees(math.atan(magnitude))
         shear = [degrees, 0.0] if op == "shear_x" else [0.0, degrees]
@@ -139,6 +132,14 @@ def apply_op(img: ImageLike, op: str, magnitude: float, warp: Warp = Warp()) -> 
     raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
 
 
+def check_strong_ops(ops: Sequence[str], num_ops: int, replacement: bool) -> None:
+    for op in ops:
+        if op not in OP_RANGES:
+            raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
+    if num_ops < 0 or (not replacement and num_ops > len(ops)):
+        raise ValueError(f"num_ops={num_ops} must be between 0 and the {len(ops)} ops given")
+
+
 class RandomStrongOps(torch.nn.Module):
     """Apply ``num_ops`` ops of ``ops``, each drawn uniformly, each at a uniform magnitude, in the
     drawn order.
@@ -150,11 +151,7 @@ class RandomStrongOps(torch.nn.Module):
     def __init__(self, ops: Sequence[str], num_ops: int, replacement: bool = True,
                  posterize_bits: Sequence[int] | None = None, warp: Warp = Warp()) -> None:
         super().__init__()
-        for op in ops:
-            if op not in OP_RANGES:
-                raise ValueError(f"unknown strong op {op!r}; known: {', '.join(OP_RANGES)}")
-        if num_ops < 0 or (not replacement and num_ops > len(ops)):
-            raise ValueError(f"num_ops={num_ops} must be between 0 and the {len(ops)} ops given")
+        check_strong_ops(ops, num_ops, replacement)
         self.ops = tuple(ops)
         self.num_ops = num_ops
         self.replacement = replacement
@@ -166,8 +163,7 @@ class RandomStrongOps(torch.nn.Module):
             picks = torch.randint(len(self.ops), (self.num_ops,)).tolist()
         else:
             picks = torch.randperm(len(self.ops))[: self.num_ops].tolist()
-        for i in picks:
-            op = self.ops[i]
+        for op in [self.ops[i] for i in picks]:
             img = apply_op(img, op, sample_magnitude(op, self.ranges), self.warp)
         return img
 

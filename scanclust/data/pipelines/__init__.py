@@ -53,6 +53,7 @@ __all__ = ["PARTNER", "Augment", "Batch", "Batches", "DataPath", "DecodePath", "
            "feature_store", "fits_on_device", "index_batches", "layout", "num_batches",
            "to_device"]
 
+
 def fits_on_device(cfg: Config, dataset: ImageDataset) -> bool:
     """Whether ``auto`` should hold this data set on the device: its uint8 images at the stored
     size (``data.resize`` or ``data.image_size``) take at most ``perf.device_data_gb``."""
@@ -65,7 +66,5 @@ def data_path_for(cfg: Config, device: torch.device, dataset: ImageDataset) -> D
     choice = cfg.perf.data_path
     if choice == "auto":
         choice = "device" if fits_on_device(cfg, dataset) else "workers"
-    if choice == "decode":
-        return DecodePath(cfg, device)
-    return DevicePath(cfg, device) if choice == "device" else WorkerPath(cfg, device)
+    return {"decode": DecodePath, "device": DevicePath}.get(choice, WorkerPath)(cfg, device)
 

@@ -37,9 +37,7 @@ def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
+            value = layout(value.to(device, non_blocking=True), channels_last and value.dim() == 4)
         out[key] = value
     return out
 
@@ -116,12 +114,11 @@ def index_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, train: b
     data-set order, for ``distributed.gather_rows``."""
     if not train and shard:
         order = distributed.shard_indices(n).to(device)
-        count = -(-len(order) // batch_size)
-        return Batches(({"index": order[b * batch_size:(b + 1) * batch_size]}
-                        for b in range(count)), count)
-    batch_size, count = num_batches(n, batch_size, train)
-    order = index_order(n, shuffle, seed, device)
-    share = distributed.local_batch if train else (lambda batch: batch)
+        count, share = -(-len(order) // batch_size), (lambda batch: batch)
+    else:
+        batch_size, count = num_batches(n, batch_size, train)
+        order = index_order(n, shuffle, seed, device)
+        share = distributed.local_batch if train else (lambda batch: batch)
     return Batches(({"index": share(order[b * batch_size:(b + 1) * batch_size])}
                     for b in range(count)), count)
 

@@ -16,6 +16,7 @@ from scanclust.data.pipelines.base import (PARTNER, Augment, Batch, Batches, Dat
                                            draw_partners, index_batches, layout)
 from scanclust.runtime import channels_last
 
+
 class DeviceAugment(Augment):
     """Gather a batch's images from the device copy of the data set and augment them there."""
 

@@ -17,6 +17,7 @@ from scanclust.data.datasets import ImageDataset
 from scanclust.data.pipelines.base import (PARTNER, Augment, Batch, Batches, draw_partners,
                                            index_batches)
 
+
 class FeatureAugment(Augment):
     """Views of cached features: ``eval`` is view 0, any other kind one of the M augmented
     views drawn per sample and step (view 0 when none was cached); with ``neighbors`` the

@@ -31,6 +31,7 @@ from scanclust.data.pipelines.device import DevicePath, by_kind
 from scanclust.data.pipelines.workers import worker_loader
 from scanclust.runtime import channels_last
 
+
 def encoded_file(path: Path) -> torch.Tensor:
     """A file's bytes as a uint8 tensor in ordinary memory (``torchvision.io.read_file`` maps the
     file, and a DataLoader worker cannot send such a tensor)."""
@@ -62,11 +63,8 @@ class EncodedFiles(Dataset):
 
 def collate_encoded(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Indices as tensors, the files' bytes as lists (they differ in length)."""
-    batch: dict[str, Any] = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        batch[key] = torch.tensor(values) if key.endswith("index") else values
-    return batch
+    values = {key: [item[key] for item in items] for key in items[0]}
+    return {key: torch.tensor(v) if key.endswith("index") else v for key, v in values.items()}
 
 
 class DecodeAugment(Augment):

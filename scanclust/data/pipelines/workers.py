@@ -53,23 +53,16 @@ class WorkerPath(DataPath):
 
     def batches(self, augment: Augment, batch_size: int, *, shuffle: bool, seed: int,
                 train: bool, shard: bool = False) -> Batches:
-        """Training batches come from a ``DistributedSampler`` (one process: all samples) in
-        this process's share of the global batch size; inference batches of ``shard`` cover
-        this process's ``shard_indices``."""
         assert isinstance(augment, ToDevice)
         key = (batch_size, shuffle, train, shard)
         if key not in augment.loaders:
-            augment.loaders[key] = self._loader(augment, batch_size, shuffle, train, shard)
+            views = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
+            ds = ViewsDataset(augment.dataset, views, augment.neighbors, partner=PARTNER)
+            augment.loaders[key] = worker_loader(ds, self.cfg, self.device, batch_size,
+                                                 shuffle=shuffle, train=train, shard=shard)
         loader = augment.loaders[key]
         loader.sampler.set_seed(seed)
         return Batches(iter(loader), len(loader))
-
-    def _loader(self, augment: ToDevice, batch_size: int, shuffle: bool, train: bool,
-                shard: bool) -> DataLoader:
-        transforms = {name: view_transform(self.cfg, kind) for name, kind in augment.views.items()}
-        ds = ViewsDataset(augment.dataset, transforms, augment.neighbors, partner=PARTNER)
-        return worker_loader(ds, self.cfg, self.device, batch_size, shuffle=shuffle, train=train,
-                             shard=shard)
 
 
 def worker_loader(ds: Dataset, cfg: Config, device: torch.device, batch_size: int, *,
@@ -133,10 +126,8 @@ class ViewsDataset(Dataset):
             other = index if k == 0 else int(self.neighbors[index, torch.randint(k, ()).item()])
             item["neighbor_index"] = other
         for name, transform in self.views.items():
-            if name == self.partner and other is not None:
-                item[name] = transform(image if other == index else self.base.load(other))
-            else:
-                item[name] = transform(image)
+            partner = name == self.partner and other is not None and other != index
+            item[name] = transform(self.base.load(other) if partner else image)
         return item
 
 
