@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (DEFAULT_ARCHIVE, images_per_second, machine,  # noqa: E402
-                               training_steps)
+from benchmarks.common import (DEFAULT_ARCHIVE, export_features,  # noqa: E402
+                               images_per_second, machine, training_steps)
 from scanclust.config import Config, load_config  # noqa: E402
 from scanclust.data import build_dataset  # noqa: E402
 from scanclust.data.pipelines import data_path_for, num_batches  # noqa: E402
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds, all included")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10-budget"))
     parser.add_argument("--json", type=Path, help="also write the JSON record here")
+    parser.add_argument("--features", type=Path,
+                        help="write the mining features of train and test here (.npz)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: tiny ResNet on 2,000 images, 60 s budget")
@@ -131,6 +133,11 @@ def main() -> None:
         stage_seconds[name] = round(time.perf_counter() - t, 2)
         print(f"{name} done in {stage_seconds[name]:.1f} s"
               + (f" ({epochs[name]} epochs)" if name in epochs else ""), flush=True)
+        if name == "mine" and args.features:
+            exported = export_features(args.out, args.features, {
+                "made_by": "benchmarks/cifar10_budget.py", "config": args.config,
+                "pretext_epochs": epochs["pretext"], "features": cfg.mine.features, **machine()})
+            print(f"mining features: {json.dumps(exported)}", flush=True)
     metrics = json.loads((args.out / "metrics.json").read_text())
     images_per_s, steps = {}, {}
     for name in TRAINED:

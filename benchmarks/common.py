@@ -22,6 +22,7 @@ from scanclust.data.datasets import ArrayDataset, ImageDataset
 from scanclust.data.pipelines import Batches, data_path_for
 from scanclust.engine import Loop, build_scheduler, prepare_model, train_one_epoch
 from scanclust.models import build_cluster_model, build_contrastive_model
+from scanclust.rundir import RunDir
 from scanclust.stages.pretext import contrastive_body
 from scanclust.stages.scan import scan_body
 from scanclust.stages.selflabel import selflabel_body
@@ -157,3 +158,25 @@ def images_per_second(run: Callable[[int], dict], batch_size: int, device: torch
     run(steps)
     sync(device)
     return steps * batch_size / (time.perf_counter() - start)
+
+
+def export_features(run: Path, path: Path, about: dict) -> dict:
+    """A run's mining features of its train and val (for CIFAR-10: test) splits with their
+    labels, as one compressed ``.npz`` for cached-feature work on a CPU: arrays ``features`` /
+    ``targets`` (train, what ``benchmarks/choose_k.py`` reads), ``test_features`` /
+    ``test_targets``, and ``about`` (a JSON string: how they were made). Features stay float16,
+    as mining stores them. Returns the file's size and the arrays' shapes."""
+    run_dir = RunDir(run)
+    arrays = {}
+    for split, prefix in (("train", ""), ("val", "test_")):
+        if run_dir.features(split).exists():
+            arrays[f"{prefix}features"] = np.load(run_dir.features(split))
+            arrays[f"{prefix}targets"] = np.load(
+                run_dir.stage_dir("mine") / f"targets_{split}.npy").astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(partial, **arrays, about=np.array(json.dumps(about)))
+    os.replace(partial, path)
+    return {"path": str(path), "megabytes": round(path.stat().st_size / 1e6, 2),
+            "shapes": {k: list(v.shape) for k, v in arrays.items()},
+            "dtype": str(arrays["features"].dtype)}

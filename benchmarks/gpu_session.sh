@@ -2,9 +2,13 @@
 # The GPU measurements as prepared commands, for a machine lent for a few minutes.
 # Usage (repository root, CIFAR-10 archive copied to data/cifar10-jpeg.tar.gz beforehand):
 #   bash benchmarks/gpu_session.sh budget                 # ~8.3 min: the 8-minute CIFAR-10 run
+#   bash benchmarks/gpu_session.sh paper[:SECONDS]        # the paper's schedule (config cifar10),
+#                                                         # resumed by the next call if cut off
 #   bash benchmarks/gpu_session.sh throughput[:SECONDS]   # ~1.5 min: images/s, ours vs baseline
-#   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # profiles, graph-vs-eager check,
-#                                                         # NCHW and torch.compile variants
+#   bash benchmarks/gpu_session.sh kernels[:SECONDS]      # the kernel variants of every step side
+#                                                         # by side (NHWC/NCHW, torch.compile of
+#                                                         # the model or the whole step), top-10
+#                                                         # kernel profiles before/after
 #   bash benchmarks/gpu_session.sh ablate:SECONDS         # later stages again on budget's pretext
 #   bash benchmarks/gpu_session.sh pretext:SECONDS        # pretext settings (PRETEXT_EPOCHS each),
 #                                                         # by purity and k-means, after budget
@@ -13,8 +17,11 @@
 # A mode given :SECONDS is stopped after that many seconds (what it printed is kept).
 # Each benchmark writes its JSON to benchmarks/results/<benchmark>-<device>-<date>.json (kept in
 # git) and, with its log, to $OUT (or ./gpu-results) as soon as it finishes, so a command cut
-# off by its time limit still returns what was done. PYTHON, CIFAR10_ARCHIVE, BUDGET and EXTRA
-# (arguments for every script, e.g. --quick for a CPU dry run) may be set.
+# off by its time limit still returns what was done. PYTHON, CIFAR10_ARCHIVE, BUDGET, EXTRA
+# (arguments for every script, e.g. --quick for a CPU dry run) and SET (config overrides for
+# budget and paper, e.g. SET="perf.compile=model" for a kernel variant) may be set.
+# Mining features come back as $OUT/cifar10-simclr-<epochs>ep.npz (budget and paper), to be
+# committed under benchmarks/data/ for cached-feature work on a CPU (benchmarks/choose_k.py).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 budget|throughput|kernels|ablate|pretext|ddp[:SECONDS] ..." >&2; exit 2; }
 out="${OUT:-gpu-results}"
@@ -22,6 +29,8 @@ mkdir -p "$out" benchmarks/results
 archive="${CIFAR10_ARCHIVE:-data/cifar10-jpeg.tar.gz}"
 py="${PYTHON:-python3}"
 read -r -a extra <<< "${EXTRA:-}"
+read -r -a sets <<< "${SET:-}"
+[ ${#sets[@]} -gt 0 ] && sets=(--set "${sets[@]}")
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
 device=$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")' \
@@ -34,6 +43,7 @@ if [ ! -d "$data/test" ]; then
 fi
 data=$(dirname "$(find "$data" -maxdepth 3 -type d -name test | head -n 1)")
 budget_run=/tmp/budget-run  # checkpoints stay on the machine (for ablate); small files come back
+paper_run=/tmp/paper-run    # kept between calls while the machine stays warm: paper resumes
 
 # run NAME SECONDS SCRIPT ARGS...: the script with a time limit, its log and JSON in both places
 run() {
@@ -54,21 +64,30 @@ for spec in "$@"; do
     budget)
       rm -rf "$budget_run"
       run cifar10_budget "$limit" benchmarks/cifar10_budget.py --data "$data" \
-        --budget "${BUDGET:-480}" --out "$budget_run"
-      cp "$budget_run/log.jsonl" "$out/cifar10_budget-epochs.jsonl" 2>/dev/null
-      # mining features and labels of the run, for the label-free choice of K (choose_k)
-      cp "$budget_run/neighbors/features_train.npy" "$out/cifar10-features-train.npy" 2>/dev/null
-      cp "$budget_run/neighbors/targets_train.npy" "$out/cifar10-targets-train.npy" 2>/dev/null ;;
+        --budget "${BUDGET:-480}" --out "$budget_run" --features "$out/cifar10-simclr-budget.npz" \
+        "${sets[@]}"
+      cp "$budget_run/log.jsonl" "$out/cifar10_budget-epochs.jsonl" 2>/dev/null ;;
+    paper)
+      # the paper's schedule; a second call of this mode resumes it ($paper_run stays on a warm
+      # machine). Its JSON is written after every stage, the features right after mining.
+      run paper-cifar10 "$limit" benchmarks/cifar10_paper.py --data "$data" --out "$paper_run" \
+        --features "$out/cifar10-simclr-paper.npz" "${sets[@]}"
+      cp "$paper_run/log.jsonl" "$out/paper-cifar10-epochs.jsonl" 2>/dev/null ;;
     throughput)
       run throughput "$limit" benchmarks/throughput.py --data "$data" --repeats 2 --steps 15 \
         --warmup 6 --variants baseline eager graphs ;;
     kernels)
-      # profiles (GPU busy, launches) and the graph-vs-eager check of every step, then the batch
-      # norm question on the pretext: NHWC, NCHW (cuDNN batch norm), torch.compile (fused)
-      run throughput-profile "$limit" benchmarks/throughput.py --data "$data" --variants \
-        --warmup 6 --steps 15 --profile --check
+      # every kernel variant side by side on the pretext (the step the schedule spends most
+      # on), with the top-10 kernels of the default and of the compiled step; then the other
+      # steps with the variants that can win there. Cut off by the mode's limit, each part's
+      # figures are in its JSON already.
       run throughput-kernels "$limit" benchmarks/throughput.py --data "$data" --repeats 1 \
-        --steps 15 --warmup 6 --only pretext --variants graphs graphs-nchw graphs-compile ;;
+        --steps 15 --warmup 6 --only pretext --variants graphs graphs-nchw graphs-compile \
+        graphs-compile-nchw graphs-compile-step --profile --profile-steps 5 \
+        --profile-variants graphs graphs-compile
+      run throughput-kernels-rest "$limit" benchmarks/throughput.py --data "$data" \
+        --repeats 1 --steps 15 --warmup 6 --only scan selflabel --variants graphs graphs-nchw \
+        graphs-compile graphs-compile-step ;;
     ablate)
       "$py" benchmarks/ablate.py --base "$budget_run" --out "/tmp/ablate-$$" \
         --deadline "${limit:-600}" --json "$results/ablation-$stamp.jsonl" 2>&1 \

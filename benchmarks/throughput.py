@@ -8,7 +8,11 @@ the host (operators dispatched, kernel launches) and how busy it keeps the GPU.
     graphs    as eager, with each step (augmentation, forward, loss, backward) replayed as one
               CUDA graph (``perf.cuda_graphs``); the package's default
     graphs-nchw      graphs with NCHW activations (cuDNN's batch norm)
-    graphs-compile   graphs around a torch.compile'd model (fused batch norm + ReLU)
+    graphs-compile   graphs around a torch.compile'd model (``perf.compile=model``: inductor
+                     fuses batch norm + ReLU and the elementwise ops around the convolutions)
+    graphs-compile-nchw   the same with NCHW activations
+    graphs-compile-step   graphs around the torch.compile'd step body (``perf.compile=step``:
+                     augmentation, forward, loss and backward compiled, then captured)
 
 All run the package's own step bodies and ``train_one_epoch`` loops on the same CIFAR-10 images,
 decoded once into memory. Each measurement skips warm-up steps (graph capture, compilation,
@@ -18,6 +22,11 @@ aten operators dispatched per step, and those of them that compute (leaf operato
 views and allocations: what launches a kernel on a GPU), on any device, so the host overhead
 can be driven down on a CPU; on CUDA also the launch calls the host makes per step (one graph
 launch plus the optimizer with CUDA graphs) and GPU busy = kernel time / wall time. Prints a
+``--profile`` also lists the ten kernels (on a CPU: leaf operators) that take the most time,
+with their share of the step, for each of ``--profile-variants`` (before and after, side by
+side). Beside each throughput figure: the model's FLOP/s (convolutions and matrix products of
+one step, forward and backward, counted by ``torch.utils.flop_counter``) and its share of
+``--peak-tflops`` (790: an H200's bf16 rate measured on large matrix products). Prints a
 table and one JSON line; ``--json`` also writes it to a file.
 
     python benchmarks/throughput.py --repeats 2 --profile        # GPU: ResNet-18, paper batches
@@ -57,7 +66,11 @@ VARIANTS = {
     "graphs": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=true"],
     "graphs-nchw": DEVICE_PATH + ["perf.channels_last=false", "perf.cuda_graphs=true"],
     "graphs-compile": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=true",
-                                     "perf.compile=true"],
+                                     "perf.compile=model"],
+    "graphs-compile-nchw": DEVICE_PATH + ["perf.channels_last=false", "perf.cuda_graphs=true",
+                                          "perf.compile=model"],
+    "graphs-compile-step": DEVICE_PATH + ["perf.channels_last=true", "perf.cuda_graphs=true",
+                                          "perf.compile=step"],
 }
 # Leaf operators that only make views or allocate, and so launch no kernel on a GPU.
 NO_KERNEL = {f"aten::{n}" for n in (
@@ -105,11 +118,43 @@ def profile_steps(run, device: torch.device, steps: int) -> dict[str, float]:
     out = {"aten_ops_per_step": len(aten) / steps, "kernel_ops_per_step": len(kernels) / steps,
            "launch_calls_per_step": len(launches) / steps, "wall_ms_per_step": 1e3 * wall / steps}
     if device.type == "cuda":
-        kernel_us = sum(e.device_time for e in events
-                        if e.device_type == torch.autograd.DeviceType.CUDA)
-        out["gpu_ms_per_step"] = kernel_us / 1e3 / steps
-        out["gpu_busy"] = kernel_us / 1e6 / wall
+        timed = [(e.name, e.device_time) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # no kernels: the leaf operators' own time stands in for them
+        timed = [(e.name, e.self_cpu_time_total) for e in leaves]
+    busy_us = sum(us for _, us in timed)
+    if device.type == "cuda":
+        out["gpu_ms_per_step"] = busy_us / 1e3 / steps
+        out["gpu_busy"] = busy_us / 1e6 / wall
+    out["top_kernels"] = top_kernels(timed, steps, busy_us)
     return out
+
+
+def top_kernels(timed: list[tuple[str, float]], steps: int, total_us: float,
+                count: int = 10) -> list[dict]:
+    """The ``count`` names with the most time (microseconds summed over ``steps``): ms per step
+    and share of all kernel time."""
+    by_name: dict[str, float] = {}
+    for name, us in timed:
+        by_name[name] = by_name.get(name, 0.0) + us
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])[:count]
+    return [{"kernel": name[:120], "ms_per_step": us / 1e3 / steps,
+             "share": us / max(total_us, 1e-9)} for name, us in ranked]
+
+
+def model_flops_per_image(stage: str, cfg: Config, dataset, neighbors: np.ndarray,
+                          device: torch.device) -> float:
+    """FLOP of one training image of ``stage``: one eager step (every view, forward and
+    backward) counted by torch's FlopCounterMode, divided by the batch size. Counts the
+    convolutions and matrix products, which is what a chip's rated FLOP/s is about."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager = load_config(cfg, {"perf.cuda_graphs": False, "perf.compile": False})
+    run = training_steps(stage, eager, dataset, neighbors, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(1)
+    return counter.get_total_flops() / getattr(eager, stage).batch_size
 
 
 def release(device: torch.device) -> None:
@@ -136,7 +181,10 @@ def main() -> None:
                         help="variants to time (none: only --profile / --check)")
     parser.add_argument("--profile", action="store_true",
                         help="profile each step of --profile-variant after the timings")
-    parser.add_argument("--profile-variant", default="graphs", choices=list(VARIANTS))
+    parser.add_argument("--profile-variants", nargs="*", default=["graphs"],
+                        choices=list(VARIANTS), help="variants to profile, side by side")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="the chip's rate the model FLOP/s are shown against")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--check", action="store_true",
                         help="compare the mean loss of eager and graph steps from one seed")
@@ -159,7 +207,7 @@ def main() -> None:
     record = {"benchmark": "throughput", **machine(), "quick": args.quick,
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "images": len(dataset), "variants": {v: VARIANTS[v] for v in args.variants},
-              "results": results}
+              "peak_tflops": args.peak_tflops, "results": results}
 
     def save() -> None:
         """Written after every measurement, so a run cut off by a time limit keeps its figures."""
@@ -172,6 +220,10 @@ def main() -> None:
         if not args.variants:
             continue
         stage, _ = STEPS[step]
+        flops = model_flops_per_image(stage, variant_config(base, "eager", step, device,
+                                                            args.workers),
+                                      dataset, neighbors, device)
+        release(device)
         runs: dict[str, list[float]] = {v: [] for v in args.variants}
         modes: dict[str, str] = {}
         batch = 0
@@ -188,31 +240,40 @@ def main() -> None:
         stats: dict[str, dict] = {
             v: {"mean": statistics.mean(r), "std": statistics.pstdev(r) if len(r) > 1 else 0.0,
                 "runs": r, "step": modes[v]} for v, r in runs.items()}
-        if "baseline" in stats:
-            for v in stats:
+        for v in stats:
+            stats[v]["model_tflops"] = stats[v]["mean"] * flops / 1e12
+            stats[v]["share_of_peak"] = stats[v]["model_tflops"] / args.peak_tflops
+            if "baseline" in stats:
                 stats[v]["vs_baseline"] = stats[v]["mean"] / stats["baseline"]["mean"]
-        results[step] = {"batch_size": batch, "variants": stats}
-        cells = "   ".join(f"{v} {s['mean']:8.0f} ± {s['std']:5.0f}"
-                           + (f" ({s['vs_baseline']:.2f}x)" if "vs_baseline" in s else "")
-                           for v, s in stats.items())
-        print(f"{step:10s} batch {batch:4d}   {cells}", flush=True)
+        results[step] = {"batch_size": batch, "gflop_per_image": flops / 1e9, "variants": stats}
+        print(f"{step:10s} batch {batch:4d}, {flops / 1e9:.2f} GFLOP per image", flush=True)
+        for v, s in stats.items():
+            print(f"    {v:20s} {s['mean']:9.0f} ± {s['std']:6.0f} img/s"
+                  + (f" ({s['vs_baseline']:.2f}x)" if "vs_baseline" in s else "")
+                  + f"   {s['model_tflops']:7.2f} TFLOP/s = {100 * s['share_of_peak']:.1f} % "
+                  f"of {args.peak_tflops:g}   ({s['step']})", flush=True)
         save()
 
     if args.profile:
         for step in args.only:
             stage, _ = STEPS[step]
-            cfg = variant_config(base, args.profile_variant, step, device, args.workers)
-            run = training_steps(stage, cfg, dataset, neighbors, device)
-            run(args.warmup)
-            figures = profile_steps(run, device, args.profile_steps)
-            figures["variant"], figures["step"] = args.profile_variant, run.step.mode
-            results[step]["profile"] = figures
-            print(f"{step:10s} profile ({args.profile_variant}, {run.step.mode}): "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
-                              if isinstance(v, float)), flush=True)
-            save()
-            del run
-            release(device)
+            profiles = results[step].setdefault("profiles", {})
+            for variant in args.profile_variants:
+                cfg = variant_config(base, variant, step, device, args.workers)
+                run = training_steps(stage, cfg, dataset, neighbors, device)
+                run(args.warmup)
+                figures = profile_steps(run, device, args.profile_steps)
+                figures["step"] = run.step.mode
+                profiles[variant] = figures
+                print(f"{step:10s} profile ({variant}, {run.step.mode}): "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()
+                                  if isinstance(v, float)), flush=True)
+                for row in figures["top_kernels"]:
+                    print(f"    {100 * row['share']:5.1f} %  {row['ms_per_step']:8.3f} ms  "
+                          f"{row['kernel'][:90]}", flush=True)
+                save()
+                del run
+                release(device)
 
     if args.check:
         for step in args.only:

@@ -212,6 +212,10 @@ class EvaluateConfig:
     num_low_confidence: int = 32
 
 
+# perf.compile's values and what each compiles (true is the older spelling of model)
+COMPILE_SCOPES = {False: None, "none": None, True: "model", "model": "model", "step": "step"}
+
+
 @dataclass
 class PerfConfig:
     """Speed switches; none changes the method, each is correct on every device."""
@@ -223,7 +227,10 @@ class PerfConfig:
     # NHWC activations: faster convolutions with bf16 on GPUs, 1.3-1.7x on CPUs; a CPU whose
     # NHWC weight gradients are wrong runs NCHW regardless (runtime.channels_last)
     channels_last: bool = True
-    compile: bool = False  # torch.compile the model (minutes of compile time, then faster)
+    # torch.compile: false | model (true; inductor fuses batch norm + ReLU and the elementwise
+    # ops around the convolutions) | step (the whole training step body: augmentation,
+    # forward, loss, backward; inside the CUDA graph when perf.cuda_graphs). Minutes to compile.
+    compile: bool | str = False
     optimizer_impl: str = "auto"  # auto | fused | foreach | loop
     cuda_graphs: bool = True  # CUDA only: replay each training step as one captured graph
     cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick convolution kernels by timing
@@ -389,6 +396,8 @@ def validate(cfg: Config) -> None:
     _choice(cfg.perf.data_path, "perf.data_path", ("auto", "device", "workers", "decode"))
     _require(cfg.perf.device_data_gb >= 0, "perf.device_data_gb", "must be >= 0")
     _choice(cfg.perf.optimizer_impl, "perf.optimizer_impl", ("auto", "fused", "foreach", "loop"))
+    _require(cfg.perf.compile in COMPILE_SCOPES, "perf.compile",
+             f"{cfg.perf.compile!r} is not one of false, model, step")
     for stage in ("pretext", "scan", "selflabel"):
         sc = getattr(cfg, stage)
         _require(sc.epochs >= 0, f"{stage}.epochs", "must be >= 0")

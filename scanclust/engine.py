@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from scanclust import distributed, frozen_features
 from scanclust.checkpoint import load_checkpoint, load_state, save_checkpoint
-from scanclust.config import Config, ConfigError, OptimConfig, load_config
+from scanclust.config import COMPILE_SCOPES, Config, ConfigError, OptimConfig, load_config
 from scanclust.data.pipelines import (Augment, Batches, DataPath, FeaturePath, feature_store,
                                       num_batches)
 from scanclust.health import check_finite
@@ -148,7 +148,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train:
                   sync_batchnorm: bool = False) -> nn.Module:
     """Move to the device (NHWC weights with ``perf.channels_last``, on a CPU for inference
     only: ``runtime.channels_last``); return the callable to train with, compiled when
-    ``perf.compile``. State dicts are always taken from ``model``.
+    ``perf.compile=model``. State dicts are always taken from ``model``.
 
     With ``train`` and several processes the callable is the model under
     DistributedDataParallel (``distributed.wrap``; SyncBatchNorm with ``sync_batchnorm``).
@@ -161,7 +161,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device, *, train:
     if channels_last(cfg, device, train):
         model.to(memory_format=torch.channels_last)
     forward = distributed.wrap(model, device, sync_batchnorm) if train else model
-    return torch.compile(forward) if cfg.perf.compile else forward
+    return torch.compile(forward) if COMPILE_SCOPES[cfg.perf.compile] == "model" else forward
 
 
 def checkpoint_due(epoch: int, last: bool, every: int) -> bool:
@@ -199,6 +199,8 @@ class Loop:
                                          cfg.perf.optimizer_impl)
         self.scheduler = build_scheduler(self.optimizer, self.settings.optim,
                                          steps * self.settings.epochs)
+        if COMPILE_SCOPES[cfg.perf.compile] == "step":
+            body = torch.compile(body)  # backward is a graph break; both halves are compiled
         self.step = TrainStep(body, model.parameters(), device,
                               cfg.perf.cuda_graphs and augment.on_device)
         self.epoch, self.seconds = 0, 0.0

@@ -91,7 +91,7 @@ def first_row_decoded(target: Path) -> bool:
     """The first image is in the file: the workers are decoding."""
     try:
         return bool(np.load(target, mmap_mode="r")[0].any())
-    except (OSError, ValueError):  # not created yet
+    except (OSError, ValueError, EOFError):  # not created yet, or still empty
         return False
 
 
