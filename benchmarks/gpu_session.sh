@@ -22,6 +22,14 @@
 # budget and paper, e.g. SET="perf.compile=model" for a kernel variant) may be set.
 # Mining features come back as $OUT/cifar10-simclr-<epochs>ep.npz (budget and paper), to be
 # committed under benchmarks/data/ for cached-feature work on a CPU (benchmarks/choose_k.py).
+#
+# One 15-minute window (start-up included), in order:
+#   1. kernels:200 (one call, ~4 min): pick the fastest variant whose check is right;
+#   2. the paper's schedule needs 500 x 50,000 / pretext + 50 x 50,000 / SCAN-128
+#      + 200 x 50,000 / self-label seconds of steps (about 455 + 70 + 145 s at the issue's
+#      targets of 55,000 / 35,000 / 70,000 img/s). If the winner's rates make that fit in
+#      what is left: SET="perf.compile=..." paper:540 in one call, then `paper` again in the
+#      next (it resumes while the machine is warm); else SET=... budget (~8.3 min).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 budget|throughput|kernels|ablate|pretext|ddp[:SECONDS] ..." >&2; exit 2; }
 out="${OUT:-gpu-results}"

@@ -330,13 +330,72 @@ def by_scan_merge(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
     return scores, ks[int(np.argmax(scores))], "the largest drop in agreement wins"
 
 
+def louvain_labels(neighbors: np.ndarray, seed: int = 0, tries: int = 3) -> np.ndarray:
+    """Louvain communities (Blondel et al., 2008, as networkx implements it) of the symmetrised
+    kNN graph: of ``tries`` runs from different seeds, the one of the highest modularity (one
+    run's count moves by one with its seed on about a third of the battery's features)."""
+    import networkx as nx
+
+    n, k = neighbors.shape
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(zip(np.repeat(np.arange(n), k).tolist(), neighbors.ravel().tolist()))
+    best, best_score = np.zeros(n, dtype=np.int64), -np.inf
+    for attempt in range(tries):
+        labels = np.empty(n, dtype=np.int64)
+        communities = nx.community.louvain_communities(graph, seed=seed * tries + attempt)
+        for c, members in enumerate(communities):
+            labels[list(members)] = c
+        score = modularity(labels, neighbors)
+        if score > best_score:
+            best, best_score = labels, score
+    return best
+
+
+def merged_modularities(labels: np.ndarray, neighbors: np.ndarray) -> dict[int, float]:
+    """``{count: modularity}`` of ``labels`` and of every partition that merging its clusters
+    makes, the pair whose merge keeps the modularity highest first. Computed on the matrix of
+    kNN edges between clusters: ``Q = trace(E) / m - sum_c out_c * in_c / m^2``."""
+    count = int(labels.max()) + 1
+    edges = np.zeros((count, count))
+    np.add.at(edges, (np.repeat(labels, neighbors.shape[1]), labels[neighbors].ravel()), 1.0)
+    m = edges.sum()
+    found = {}
+    while True:
+        out_degree, in_degree = edges.sum(1), edges.sum(0)
+        found[len(edges)] = float(np.trace(edges) / m - (out_degree * in_degree).sum() / m ** 2)
+        if len(edges) == 1:
+            return found
+        gain = (edges + edges.T) / m - (np.outer(out_degree, in_degree)
+                                        + np.outer(in_degree, out_degree)) / m ** 2
+        np.fill_diagonal(gain, -np.inf)
+        a, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        edges[a] += edges[b]
+        edges[:, a] += edges[:, b]
+        edges = np.delete(np.delete(edges, b, 0), b, 1)
+
+
+def by_louvain(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
+    """Modularity, as ``spectral`` (same 40-neighbour graph), of the best partition found for
+    each K: Louvain's, which optimises modularity directly and so settles on its own number of
+    communities, merged down to each smaller K, or the spectral partition. Louvain finds
+    better partitions than spectral clustering followed by k-means, so its count usually wins;
+    on the digits battery it was never off by more than one."""
+    graph = data.graph(SPECTRAL_K)
+    found = merged_modularities(louvain_labels(graph, data.seed), graph)
+    spectral = by_spectral(data, ks)[0]
+    scores = [max(score, found.get(k, -1.0)) for k, score in zip(ks, spectral)]
+    return scores, ks[int(np.argmax(scores))], "the highest wins"
+
+
 CriterionFn = Callable[[Sample, list[int]], tuple[list[float], int, str]]
 SCORERS: dict[str, CriterionFn] = {
-    "spectral": by_spectral, "eigengap": by_eigengap, "scan_merge": by_scan_merge,
+    "louvain": by_louvain, "spectral": by_spectral, "eigengap": by_eigengap,
+    "scan_merge": by_scan_merge,
     "stability": by_stability, "gap": by_gap, "modularity": by_modularity,
     "silhouette": by_silhouette}
 CRITERIA = tuple(SCORERS)
-DEFAULT_CRITERION = "spectral"
+DEFAULT_CRITERION = "louvain"
 
 
 def score_partitions(features: np.ndarray, ks: list[int], criterion: str = DEFAULT_CRITERION,

@@ -97,9 +97,9 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", choices=("symlink", "copy"),
                    help="also write one folder per cluster into RUN/clusters/")
     p.add_argument("--k-range", metavar="LO:HI", help="range for --clusters auto (default 2:20)")
-    p.add_argument("--criterion", default="spectral",
-                   help="--clusters auto criterion: spectral (default), eigengap, scan_merge, "
-                        "stability, gap, modularity or silhouette")
+    p.add_argument("--criterion", default="louvain",
+                   help="--clusters auto criterion: louvain (default), spectral, eigengap, "
+                        "scan_merge, stability, gap, modularity or silhouette")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image instead of skipping it")
     _common(p)

@@ -250,7 +250,7 @@ def cluster(folder: str | Path, out: str | Path | None = None, *,
             clusters: int | str | None = None, backbone: str = "auto",
             preset: str = "auto", labels_from_folders: bool = False, strict: bool = False,
             export: str | None = None, k_range: str | None = None,
-            criterion: str = "spectral",
+            criterion: str = "louvain",
             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
             force: bool = False) -> dict[str, Any]:
     """Cluster the images of ``folder`` into ``out``; returns the report summary."""

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from scanclust.choose_k import (CRITERIA, DEFAULT_CRITERION, Sample, gap_choice, knn_graph,
-                                laplacian_spectrum, merge_agreements, modularity, plot_curve,
-                                scan_labels, score_partitions, spectral_labels)
+                                laplacian_spectrum, louvain_labels, merge_agreements,
+                                merged_modularities, modularity, plot_curve, scan_labels,
+                                score_partitions, spectral_labels)
 from scanclust.cli import build_parser, main
 
 # three blocks of four nodes, each node's neighbours the other three of its block
@@ -55,6 +56,16 @@ def test_merge_agreements_by_hand() -> None:
     assert merge_agreements(labels, neighbors) == {3: 0.5, 2: 0.25}
 
 
+def test_louvain_finds_the_blocks_and_merging_them_lowers_modularity() -> None:
+    labels = louvain_labels(CLIQUES, seed=0)
+    assert [len(set(labels[i:i + 4])) for i in (0, 4, 8)] == [1, 1, 1] and len(set(labels)) == 3
+    # three blocks of 12 edges each: 1 - 3 (1/3)^2 = 2/3; two of them merged: 1 - (2/3)^2 -
+    # (1/3)^2 = 4/9; all in one: 0. Each value equals modularity() of the same partition.
+    found = merged_modularities(labels, CLIQUES)
+    assert found == pytest.approx({3: 2 / 3, 2: 4 / 9, 1: 0.0})
+    assert modularity(np.repeat([0, 0, 1], 4), CLIQUES) == pytest.approx(4 / 9)
+
+
 def test_gap_rule_by_hand() -> None:
     # K = 2: 1.0 < 2.0 - 0.1; K = 3: 2.0 >= 2.1 - 0.2, so 3
     assert gap_choice(np.array([1.0, 2.0, 2.1, 2.0]), np.array([0.1, 0.1, 0.2, 0.1]),
@@ -89,7 +100,7 @@ def test_sample_bounds_the_cost() -> None:
     feats = np.random.default_rng(0).normal(size=(500, 8))
     choice = score_partitions(feats, [2, 3, 600], sample=100)
     assert choice.sample == 100 and choice.ks == [2, 3]  # K >= the sample size is dropped
-    assert choice.criterion == DEFAULT_CRITERION == "spectral"
+    assert choice.criterion == DEFAULT_CRITERION == "louvain"
     with pytest.raises(ValueError, match="criterion"):
         score_partitions(feats, [2], criterion="elbow")
 
@@ -100,8 +111,8 @@ def test_the_command_line_default_is_the_module_default() -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--criterion", "elbow"], "--criterion 'elbow' is not one of spectral, eigengap, "
-                               "scan_merge, stability, gap, modularity, silhouette"),
+    (["--criterion", "elbow"], "--criterion 'elbow' is not one of louvain, spectral, "
+                               "eigengap, scan_merge, stability, gap, modularity, silhouette"),
     (["--k-range", "1:5"], "--k-range '1:5': expected LO:HI with 2 <= LO <= HI, e.g. 2:20"),
     (["--k-range", "2:12"], "--k-range 2:12: K = 12 needs more than 12 images to compare "
                             "partitions, but the folder has 6; use at most 2:5"),
