@@ -61,6 +61,29 @@ def prepare_data(source: Path, work: Path) -> Path:
     return roots[0]
 
 
+def pipeline_arguments(doc: str, config: str, out: str, features_help: str,
+                       quick_help: str) -> argparse.ArgumentParser:
+    """The options the whole-pipeline CIFAR-10 benchmarks share (this one and the paper's)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE,
+                        help="cifar10-jpeg.tar.gz or its extracted folder")
+    parser.add_argument("--config", default=config, help="the recipe (name or YAML)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--json", type=Path, help="also write the JSON record here")
+    parser.add_argument("--features", type=Path, help=features_help)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                        help="config overrides applied after the recipe")
+    return parser
+
+
+def folder_overrides(root: Path, device: str) -> list[str]:
+    """The JPEG tree as a folder data set: train/ to train on, test/ as the val split."""
+    return ["data.dataset=folder", f"data.root={root / 'train'}",
+            f"data.val_root={root / 'test'}", f"device={device}"]
+
+
 def seconds_per_epoch(stage: str, cfg: Config, dataset, device: torch.device) -> float:
     """Time a few steps of the stage's own step and loop, scaled to one epoch."""
     neighbors = np.random.default_rng(0).integers(0, len(dataset), (len(dataset), 20))
@@ -75,20 +98,10 @@ def scaled(epochs: dict[str, int], factor: float) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE,
-                        help="cifar10-jpeg.tar.gz or its extracted folder")
-    parser.add_argument("--config", default="cifar10_fast", help="the recipe (name or YAML)")
+    parser = pipeline_arguments(__doc__, "cifar10_fast", "runs/cifar10-budget",
+                                "write the mining features of train and test here (.npz)",
+                                "CPU smoke run: tiny ResNet on 2,000 images, 60 s budget")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds, all included")
-    parser.add_argument("--out", type=Path, default=Path("runs/cifar10-budget"))
-    parser.add_argument("--json", type=Path, help="also write the JSON record here")
-    parser.add_argument("--features", type=Path,
-                        help="write the mining features of train and test here (.npz)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: tiny ResNet on 2,000 images, 60 s budget")
-    parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
-                        help="config overrides applied after the recipe")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.quick and args.budget == 480.0:
@@ -97,9 +110,8 @@ def main() -> None:
         raise SystemExit(f"{args.out} exists; choose another --out")
 
     root = prepare_data(args.data, args.out.parent / ".data")
-    overrides = RUN + (QUICK if args.quick else []) + args.set + [
-        "data.dataset=folder", f"data.root={root / 'train'}", f"data.val_root={root / 'test'}",
-        f"device={args.device}"]
+    overrides = RUN + (QUICK if args.quick else []) + args.set + folder_overrides(root,
+                                                                                 args.device)
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.device)
     train = build_dataset(cfg.data, "train")

@@ -16,7 +16,6 @@ call cut short keeps what was done.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cifar10_budget import QUICK, RUN, prepare_data  # noqa: E402
-from benchmarks.common import DEFAULT_ARCHIVE, REPO, export_features, machine  # noqa: E402
+from benchmarks.cifar10_budget import (QUICK, RUN, folder_overrides,  # noqa: E402
+                                       pipeline_arguments, prepare_data)
+from benchmarks.common import REPO, export_features, machine  # noqa: E402
 from scanclust.config import Config, load_config  # noqa: E402
 from scanclust.files import read_json, write_json  # noqa: E402
 from scanclust.pipeline import run_stages  # noqa: E402
@@ -37,26 +37,15 @@ QUICK_EPOCHS = ["pretext.epochs=2", "scan.epochs=2", "selflabel.epochs=2",
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE,
-                        help="cifar10-jpeg.tar.gz or its extracted folder")
-    parser.add_argument("--config", default="cifar10", help="the recipe (name or YAML)")
-    parser.add_argument("--out", type=Path, default=Path("runs/cifar10-paper"))
-    parser.add_argument("--json", type=Path, help="also write the JSON record here")
-    parser.add_argument("--features", type=Path,
-                        help="the .npz of mining features (default benchmarks/data/"
-                             "cifar10-simclr-<epochs>ep.npz; with --quick under --out)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: tiny ResNet on 2,000 images, 2 epochs a stage")
-    parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
-                        help="config overrides applied after the recipe")
+    parser = pipeline_arguments(__doc__, "cifar10", "runs/cifar10-paper",
+                                "the .npz of mining features (default benchmarks/data/"
+                                "cifar10-simclr-<epochs>ep.npz; with --quick under --out)",
+                                "CPU smoke run: tiny ResNet on 2,000 images, 2 epochs a stage")
     args = parser.parse_args()
     started = time.perf_counter()
     root = prepare_data(args.data, Path("/tmp") / "scanclust-data")
-    overrides = RUN + (QUICK + QUICK_EPOCHS if args.quick else []) + args.set + [
-        "data.dataset=folder", f"data.root={root / 'train'}", f"data.val_root={root / 'test'}",
-        f"device={args.device}"]
+    overrides = (RUN + (QUICK + QUICK_EPOCHS if args.quick else []) + args.set
+                 + folder_overrides(root, args.device))
     cfg = load_config(args.config, overrides)
     epochs = {s: getattr(cfg, s).epochs for s in ("pretext", "scan", "selflabel")}
     features = args.features or (
