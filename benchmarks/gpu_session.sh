@@ -24,7 +24,7 @@
 # committed under benchmarks/data/ for cached-feature work on a CPU (benchmarks/choose_k.py).
 #
 # One 15-minute window (start-up included), in order:
-#   1. kernels:200 (one call, ~4 min): pick the fastest variant whose check is right;
+#   1. kernels:150 (one call, at most 2 x 150 s): pick the fastest variant;
 #   2. the paper's schedule needs 500 x 50,000 / pretext + 50 x 50,000 / SCAN-128
 #      + 200 x 50,000 / self-label seconds of steps (about 455 + 70 + 145 s at the issue's
 #      targets of 55,000 / 35,000 / 70,000 img/s). If the winner's rates make that fit in
@@ -89,13 +89,14 @@ for spec in "$@"; do
       # on), with the top-10 kernels of the default and of the compiled step; then the other
       # steps with the variants that can win there. Cut off by the mode's limit, each part's
       # figures are in its JSON already.
+      # (each compiled variant costs about a minute of compilation per step, so the variants
+      # are the ones that can change the verdict; graphs-compile-nchw can be added by hand)
       run throughput-kernels "$limit" benchmarks/throughput.py --data "$data" --repeats 1 \
         --steps 15 --warmup 6 --only pretext --variants graphs graphs-nchw graphs-compile \
-        graphs-compile-nchw graphs-compile-step --profile --profile-steps 5 \
-        --profile-variants graphs graphs-compile
+        graphs-compile-step --profile --profile-steps 5 --profile-variants graphs graphs-compile
       run throughput-kernels-rest "$limit" benchmarks/throughput.py --data "$data" \
         --repeats 1 --steps 15 --warmup 6 --only scan selflabel --variants graphs graphs-nchw \
-        graphs-compile graphs-compile-step ;;
+        graphs-compile ;;
     ablate)
       "$py" benchmarks/ablate.py --base "$budget_run" --out "/tmp/ablate-$$" \
         --deadline "${limit:-600}" --json "$results/ablation-$stamp.jsonl" 2>&1 \
