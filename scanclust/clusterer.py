@@ -7,8 +7,6 @@ view, so a file predicted here gets the cluster it would have got inside the run
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -28,7 +26,7 @@ from scanclust.data.images import (ImageReadError, decode_square, escape_name, l
 from scanclust.errors import UserError
 from scanclust.labels import cluster_names
 from scanclust.models import ClusterModel
-from scanclust.files import atomic_write
+from scanclust.files import csv_text, write_csv
 from scanclust.rundir import RunDir
 from scanclust.runtime import autocast, resolve_device
 from scanclust.checkpoint import CheckpointError
@@ -225,16 +223,13 @@ def predict_command(run_dir: str, inputs: list[str], csv_path: str | None = None
     if not rows:
         raise PredictError(f"no readable image among the {len(inputs)} inputs "
                            f"({len(skipped)} skipped)")
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["path", "cluster", "confidence"] + (["label"] if names else []))
-    for name, cluster, confidence in rows:
-        writer.writerow([name, cluster, f"{confidence:.6f}"] + ([names[cluster]] if names else []))
+    table = [["path", "cluster", "confidence"] + (["label"] if names else [])] + [
+        [name, cluster, f"{confidence:.6f}"] + ([names[cluster]] if names else [])
+        for name, cluster, confidence in rows]
     if csv_path:
-        with atomic_write(Path(csv_path), PredictError) as handle:
-            handle.write(text.getvalue().encode("utf-8"))
+        write_csv(Path(csv_path), table, PredictError)
     else:
-        sys.stdout.write(text.getvalue())
+        sys.stdout.write(csv_text(table))
     log.info("predict: %d images assigned with the %s model of %s, %d skipped%s", len(rows),
              clusterer.stage, escape_name(run_dir), len(skipped),
              f"; wrote {escape_name(csv_path)}" if csv_path else "")

@@ -18,8 +18,6 @@ under a hidden name and renamed into place at the end, so a DEST that exists is 
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import secrets
@@ -30,7 +28,7 @@ from typing import Any, Iterable
 from scanclust.data.images import ImageReadError, escape_name, open_image, unescape_name
 from scanclust.errors import UserError
 from scanclust.labels import load_labels, read_assignments
-from scanclust.files import atomic_write
+from scanclust.files import write_csv
 
 FORMATS, LINKS = ("folders", "imagefolder", "csv"), ("symlink", "copy")
 # torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision for it
@@ -84,11 +82,8 @@ def export(run: str | Path, dest: str | Path, fmt: str = "folders",
                "excluded": len(a.paths) - len(rows), "converted": 0, "skipped_by_imagefolder": 0}
     dest.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
-        text = io.StringIO(newline="")
-        csv.writer(text).writerows([["path", "label"]] + [
-            [escape_name(sources[i].absolute()), labels.label(i)] for i in rows])
-        with atomic_write(dest, ExportError) as handle:
-            handle.write(text.getvalue().encode("utf-8"))
+        write_csv(dest, [["path", "label"]] + [
+            [escape_name(sources[i].absolute()), labels.label(i)] for i in rows], ExportError)
         return summary
     folders = folder_names({labels.label(i) for i in rows})
     building = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")

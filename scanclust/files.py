@@ -10,6 +10,7 @@ by the next process that takes the run directory's lock (``lock.py``). With seve
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from scanclust import distributed
 from scanclust.errors import UserError
@@ -113,6 +114,19 @@ def write_json(path: Path, data: Any) -> None:
     text = json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
     with atomic_write(Path(path)) as handle:
         handle.write(text.encode())
+
+
+def csv_text(rows: Iterable[list]) -> str:
+    """Rows as CSV text (the csv module's quoting, ``\r\n`` line ends)."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
+def write_csv(path: Path, rows: Iterable[list], error: type[UserError] = RunDirError) -> None:
+    """The whole table as UTF-8, atomically: readers see the old file or the new one."""
+    with atomic_write(Path(path), error) as handle:
+        handle.write(csv_text(rows).encode("utf-8"))
 
 
 def read_json(path: Path) -> Any:

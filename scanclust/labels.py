@@ -44,7 +44,7 @@ from typing import Any
 
 from scanclust.data.images import unescape_name
 from scanclust.errors import UserError
-from scanclust.files import atomic_write, read_json, write_json
+from scanclust.files import read_json, write_csv, write_json
 from scanclust.rundir import RunDir
 
 log = logging.getLogger("scanclust")
@@ -284,11 +284,8 @@ def write_outputs(labels: Labels) -> None:
     Written after labels.json (the record): a kill between the two leaves stale names here,
     which the next review or report rewrites."""
     a = labels.assignments
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows([a.header + ["label"]] + [
+    write_csv(a.run / "assignments.csv", [a.header + ["label"]] + [
         row + [labels.label(i) or ""] for i, row in enumerate(a.rows)])
-    with atomic_write(a.run / "assignments.csv") as handle:
-        handle.write(text.getvalue().encode("utf-8"))
     names = labels.model_names()
     for entry in a.summary["clusters"]:
         c = entry["cluster"]

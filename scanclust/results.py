@@ -18,7 +18,6 @@ in a lossless escaped form (``images.unescape_name`` reverses it). Exports use t
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import os
@@ -40,7 +39,7 @@ from scanclust.data.pipelines import data_path_for
 from scanclust.engine import begin_stage, log, predict_logits, prepare_model
 from scanclust.errors import UserError
 from scanclust.figures import cluster_prototypes
-from scanclust.files import atomic_write, read_json, write_json
+from scanclust.files import atomic_write, read_json, write_csv, write_json
 from scanclust.labels import report_names
 from scanclust.models.saved import final_stage
 from scanclust.rundir import RunDir, exclusive
@@ -123,12 +122,9 @@ def write_assignments(path: Path, paths: list[str], pred: np.ndarray, confidence
                       is_prototype: np.ndarray) -> None:
     """One row per image, in folder order; confidence is the max probability (6 decimals).
     ``paths`` are escaped names (``escape_name``)."""
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows([["path", "cluster", "confidence", "prototype"]] + [
+    write_csv(path, [["path", "cluster", "confidence", "prototype"]] + [
         [name, int(pred[i]), f"{float(confidence[i]):.6f}", "true" if is_prototype[i] else "false"]
         for i, name in enumerate(paths)])
-    with atomic_write(path) as handle:
-        handle.write(text.getvalue().encode("utf-8"))
 
 
 def cluster_summary(pred: np.ndarray, confidence: np.ndarray, prototypes: dict[int, list[int]],
