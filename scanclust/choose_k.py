@@ -332,8 +332,8 @@ def by_scan_merge(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
 
 def louvain_labels(neighbors: np.ndarray, seed: int = 0, tries: int = 3) -> np.ndarray:
     """Louvain communities (Blondel et al., 2008, as networkx implements it) of the symmetrised
-    kNN graph: of ``tries`` runs from different seeds, the one of the highest modularity (one
-    run's count moves by one with its seed on about a third of the battery's features)."""
+    kNN graph: of ``tries`` runs from different seeds, the one of the highest modularity (on
+    about half of the battery's feature sets one run's count moves with its seed, by 1-2)."""
     import networkx as nx
 
     n, k = neighbors.shape

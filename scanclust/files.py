@@ -117,7 +117,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def csv_text(rows: Iterable[list]) -> str:
-    """Rows as CSV text (the csv module's quoting, ``\r\n`` line ends)."""
+    """Rows as CSV text (the csv module's quoting and CRLF line ends, as RFC 4180 has them)."""
     text = io.StringIO(newline="")
     csv.writer(text).writerows(rows)
     return text.getvalue()
