@@ -13,7 +13,9 @@ SCAN's selection and the evaluation see the whole folder, as ``scanclust cluster
 shared by every variant: SCAN with each prior (``scan.prior``), and on each SCAN self-label
 with each selection (``selflabel.selection``). ``folder``: the same variants on a finished
 ``scanclust cluster --preset cpu`` run (SCAN and self-label heads on cached features of its
-frozen backbone), reusing its pretext and mining. ``cifar``: the CIFAR-10 folders for it.
+frozen backbone), reusing its pretext and mining; ``--set seed=S`` draws another SCAN and
+self-label on the same pretext. ``cifar``: the CIFAR-10 folders for it. ``summary``: the
+tables of several ``--json`` files pooled by profile.
 
 Reported per variant: ACC and NMI (mean ± std over seeds) and the total-variation distance
 between the true class sizes and the sizes of the Hungarian-matched clusters (0: the sizes
@@ -23,9 +25,10 @@ kept in its run directory (``result.json``), so a rerun only computes what is mi
     python benchmarks/prior.py digits --out runs/prior/digits --seeds 0 1 2
     python benchmarks/prior.py cifar --out runs/prior/cifar
     python -m scanclust cluster runs/prior/cifar/balanced --out runs/prior/cifar-runs/balanced \\
-        --preset cpu --labels-from-folders
-    python benchmarks/prior.py folder --base runs/prior/cifar-runs/balanced \\
-        --out runs/prior/cifar-variants/balanced
+        --preset cpu --backbone scratch --labels-from-folders seed=0
+    python benchmarks/prior.py folder --base runs/prior/cifar-runs/balanced --set seed=1 \\
+        --out runs/prior/cifar-variants/balanced-s1 --json runs/prior/balanced-s1.json
+    python benchmarks/prior.py summary --inputs runs/prior/*.json --json prior-cifar.json
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from scanclust.config import load_config  # noqa: E402
 from scanclust.pipeline import STAGE_FUNCTIONS  # noqa: E402
 from scanclust.rundir import RunDir, read_json  # noqa: E402
 
-PRIORS = {"uniform": ["scan.prior=uniform"], "adaptive": ["scan.prior=adaptive"]}
+PRIORS = {"uniform": ["scan.prior=uniform"], "adaptive": ["scan.prior=adaptive"],
+          "adaptive_warmup": ["scan.prior=adaptive", "scan.prior_warmup=0.5"]}
 SELECTIONS = {"threshold": ["selflabel.selection=threshold"],
               "per_cluster": ["selflabel.selection=per_cluster"]}
 QUIET = ["progress=false", "evaluate.figures=false", "evaluate.kmeans=false"]
@@ -122,10 +126,13 @@ def variant(base: Path, target: Path, overrides: list[str], redo: tuple[str, ...
     return result
 
 
-def variants(base: Path, out: Path, extra: list[str], true_sizes: list[int]) -> dict:
-    """Every prior, and on each SCAN every self-label selection."""
+def variants(base: Path, out: Path, extra: list[str], true_sizes: list[int],
+             priors: list[str]) -> dict:
+    """Each of ``priors``, and on each SCAN every self-label selection."""
     results = {}
     for prior, prior_keys in PRIORS.items():
+        if prior not in priors:
+            continue
         first = None
         for selection, selection_keys in SELECTIONS.items():
             overrides = prior_keys + selection_keys + extra
@@ -160,7 +167,7 @@ def digits(args: argparse.Namespace) -> dict:
                 print(f"{name}: pretext and mining {time.perf_counter() - started:.0f} s",
                       flush=True)
                 continue
-            results = variants(base, args.out / name, args.set, sizes)
+            results = variants(base, args.out / name, args.set, sizes, args.priors)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
             for key, result in results.items():
                 table.setdefault(profile, {}).setdefault(key, []).append(result)
@@ -173,8 +180,19 @@ def folder(args: argparse.Namespace) -> dict:
 
     targets = build_dataset(cfg.data, "train").targets
     sizes = np.bincount(targets, minlength=targets.max() + 1).tolist()
-    results = variants(args.base, args.out, args.set, sizes)
-    return {args.base.name: {key: [result] for key, result in results.items()}}
+    results = variants(args.base, args.out, args.set, sizes, args.priors)
+    return {Path(cfg.data.root).name: {key: [result] for key, result in results.items()}}
+
+
+def summary(args: argparse.Namespace) -> dict:
+    """The tables of several ``--json`` files of this script, the runs of each profile (a
+    folder's name, for ``folder``) pooled: several pretexts, or SCAN seeds on one."""
+    table: dict = {}
+    for path in args.inputs:
+        for profile, rows in read_json(path)["results"].items():
+            for key, results in rows.items():
+                table.setdefault(profile, {}).setdefault(key, []).extend(results)
+    return table
 
 
 def cifar(args: argparse.Namespace) -> None:
@@ -221,11 +239,14 @@ def print_table(table: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("digits", "folder", "cifar"))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("mode", choices=("digits", "folder", "cifar", "summary"))
+    parser.add_argument("--out", type=Path, help="digits, folder, cifar: where to write")
+    parser.add_argument("--inputs", type=Path, nargs="*", default=[],
+                        help="summary: --json files of earlier runs")
     parser.add_argument("--base", type=Path, help="folder: a finished scanclust cluster run")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--profiles", nargs="*", default=["geometric", "step", "balanced"])
+    parser.add_argument("--priors", nargs="*", default=list(PRIORS), choices=list(PRIORS))
     parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                         help="overrides for every variant")
     parser.add_argument("--prepare", action="store_true",
@@ -233,11 +254,13 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    if args.out is None and args.mode != "summary":
+        parser.error(f"{args.mode} needs --out")
     if args.mode == "cifar":
         cifar(args)
         return
     started = time.perf_counter()
-    table = digits(args) if args.mode == "digits" else folder(args)
+    table = {"digits": digits, "folder": folder, "summary": summary}[args.mode](args)
     print_table(table)
     print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:

@@ -154,10 +154,12 @@ class ScanConfig:
     # The cluster prior of the entropy term (README, "Clusters of different sizes"): uniform
     # (the paper: every cluster 1/K of the data) | adaptive (re-estimated from the model's own
     # predictions: an average over steps with decay prior_momentum, mixed with prior_floor of
-    # the uniform prior so that no cluster's target falls below prior_floor / K)
+    # the uniform prior so that no cluster's target falls below prior_floor / K, after the
+    # first prior_warmup of the epochs under the uniform prior)
     prior: str = "uniform"
     prior_momentum: float = 0.99
     prior_floor: float = 0.2
+    prior_warmup: float = 0.0
     num_heads: int = 1
     num_neighbors: int | None = None  # None: all mined; 0: the anchor's own augmentation
     partner: str = "neighbors_and_self"  # draw among the K neighbours and the image itself | neighbors
@@ -197,7 +199,8 @@ class SelfLabelConfig:
 # Keys added after runs were made without them: their defaults reproduce such a run, so a
 # resumed old run compares as made with them (``lineage.compare_configs``).
 ADDED_KEYS: dict[str, Any] = {
-    **{f"scan.{k}": getattr(ScanConfig(), k) for k in ("prior", "prior_momentum", "prior_floor")},
+    **{f"scan.{k}": getattr(ScanConfig(), k) for k in ("prior", "prior_momentum", "prior_floor",
+                                                      "prior_warmup")},
     **{f"selflabel.{k}": getattr(SelfLabelConfig(), k)
        for k in ("selection", "per_cluster_fraction")},
 }
@@ -376,6 +379,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.scan.prior, "scan.prior", ("uniform", "adaptive"))
     _require(0 <= cfg.scan.prior_momentum < 1, "scan.prior_momentum", "must be in [0, 1)")
     _require(0 <= cfg.scan.prior_floor <= 1, "scan.prior_floor", "must be in [0, 1]")
+    _require(0 <= cfg.scan.prior_warmup <= 1, "scan.prior_warmup", "must be in [0, 1]")
     _choice(cfg.scan.partner, "scan.partner", ("neighbors_and_self", "neighbors"))
     _require(cfg.scan.selection_entropy_weight is None or cfg.scan.selection_entropy_weight >= 0,
              "scan.selection_entropy_weight", "must be >= 0 or null")

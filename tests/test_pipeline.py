@@ -194,10 +194,12 @@ def test_killed_then_resumed_run_equals_uninterrupted(tmp_path: Path,
 
 def test_adaptive_prior_and_per_cluster_selection_resume_identically(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the prior's estimate lives in the scan checkpoint; per-cluster self-label trains at a
-    # threshold (0.999) no sample of this tiny model reaches
+    # the prior's estimate lives in the scan checkpoint, its warm-up (1 of 3 epochs) follows the
+    # resumed epoch; per-cluster self-label trains at a threshold (0.999) no sample of this tiny
+    # model reaches
     ov = TINY + ["pretext.epochs=1", "scan.epochs=3", "selflabel.epochs=3", "scan.prior=adaptive",
-                 "selflabel.selection=per_cluster", "selflabel.threshold=0.999"]
+                 "scan.prior_warmup=0.34", "selflabel.selection=per_cluster",
+                 "selflabel.threshold=0.999"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for out in (straight, resumed):
         scanclust.pretext("demo", out, overrides=ov)
@@ -482,6 +484,7 @@ def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path
     (["pretext.weights=x.pth"],
      "pretext.weights' in the overrides: is set, but pretext.method=simclr"),
     (["scan.prior=zipf"], "scan.prior' in the overrides: 'zipf' is not one of uniform, adaptive"),
+    (["scan.prior_warmup=1.5"], "scan.prior_warmup' in the overrides: must be in [0, 1]"),
     (["selflabel.selection=top"],
      "selflabel.selection' in the overrides: 'top' is not one of threshold, per_cluster"),
 ])

@@ -128,3 +128,14 @@ def test_adaptive_prior_follows_the_marginal_above_its_floor() -> None:
     for _ in range(500):
         prior.update(torch.tensor([[[30.0, -30.0]] * 8]))
     assert prior.target()[0].tolist() == pytest.approx([0.9, 0.1], abs=1e-4)  # floor / K = 0.1
+
+
+def test_adaptive_prior_is_uniform_during_its_warmup_epochs() -> None:
+    prior = AdaptivePrior(1, 2, momentum=0.5, floor=0.2, device=torch.device("cpu"), warmup=2)
+    for epoch in (0, 1):
+        prior.begin_epoch(epoch)
+        prior.update(torch.tensor([[[30.0, -30.0]] * 8]))  # every sample certain of cluster 0
+        assert prior.target()[0].tolist() == [0.5, 0.5]
+    # the estimate followed all the same: 0.5 -> 0.75 -> 0.875; target 0.8 * 0.875 + 0.1
+    prior.begin_epoch(2)
+    assert prior.target()[0].tolist() == pytest.approx([0.8, 0.2], abs=1e-6)

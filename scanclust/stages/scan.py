@@ -45,15 +45,25 @@ class AdaptivePrior:
     clusters stays, its pull towards equal sizes goes. The estimate lives on the device and
     is updated in place inside the step (a captured CUDA graph replays the update); the
     checkpoint holds it (``ScanLoop.state``).
+
+    For the first ``warmup`` epochs the target is the uniform prior (the estimate follows the
+    marginal all the same): the clusters form under the paper's loss, and only then may their
+    sizes follow the data, so that an early lead of a few clusters is not locked in.
     """
 
     def __init__(self, heads: int, clusters: int, momentum: float, floor: float,
-                 device: torch.device) -> None:
+                 device: torch.device, warmup: int = 0) -> None:
         self.estimate = torch.full((heads, clusters), 1.0 / clusters, device=device)
-        self.momentum, self.floor = momentum, floor
+        self.momentum, self.floor, self.warmup = momentum, floor, warmup
+        # the uniform share of the target, a device tensor so that a captured step reads it
+        self.uniform_share = torch.tensor(1.0 if warmup else floor, device=device)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.uniform_share.fill_(1.0 if epoch < self.warmup else self.floor)
 
     def target(self) -> torch.Tensor:
-        return (1 - self.floor) * self.estimate + self.floor / self.estimate.shape[-1]
+        share = self.uniform_share
+        return (1 - share) * self.estimate + share / self.estimate.shape[-1]
 
     def update(self, anchor_logits: torch.Tensor) -> None:
         """Move the estimate towards the global batch's mean prediction (one all-reduce of
@@ -99,8 +109,10 @@ class ScanLoop(Loop):
                                      "model": cpu_state(self.model)}
         self.history: list[list[float]] = []
 
-    def train_mode(self) -> None:
+    def train_mode(self) -> None:  # at the start of every epoch
         self.model.train_mode(self.settings.update_backbone)
+        if self.prior is not None:
+            self.prior.begin_epoch(self.epoch)
 
     def epoch_stats(self, loss: torch.Tensor, steps: int, skipped: int) -> dict[str, Any]:
         total, consistency, entropy = (loss / max(steps, 1)).tolist()
@@ -233,8 +245,8 @@ def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
                                   cfg.amp, False)[0]
     views = {"anchor": sc.augment, "neighbor": sc.augment}
     augment = data.augment(train_set, views, partner_table(train_neighbors, sc))
-    prior = (AdaptivePrior(sc.num_heads, clusters, sc.prior_momentum, sc.prior_floor, device)
-             if sc.prior == "adaptive" else None)
+    prior = (AdaptivePrior(sc.num_heads, clusters, sc.prior_momentum, sc.prior_floor, device,
+                           round(sc.prior_warmup * sc.epochs)) if sc.prior == "adaptive" else None)
     loop = ScanLoop(STAGE, cfg, run, model,
                     scan_body(forward, augment, sc.entropy_weight, device, cfg.amp, prior), data,
                     augment, len(train_set), device, val=val, val_neighbors=val_neighbors,
