@@ -234,7 +234,7 @@ def render_report(run: RunDir, cfg: Config, dataset, paths: list[str], pred: np.
              f"<title>scanclust: {html.escape(escape_name(dataset.root.name))}</title>"
              f"<style>{CSS}</style></head><body>",
              _header(run, cfg, dataset, paths, clusters, skipped, metrics, stage), "<main>",
-             _charts(run, clusters, len(paths), metrics, stage, cfg.scan.prior),
+             _charts(run, clusters, len(paths), metrics, stage, prior_setting(cfg.scan)),
              f"<section id='low'><div class='head'><h2>Least confident images</h2>"
              f"<span class='muted'>the {len(low)} images ({LOW_SHARE:.0%}) the model is "
              f"least sure about, flagged in red below; worth a look</span></div>"
@@ -301,6 +301,14 @@ def kept_scan_note(summary: dict[str, Any], cfg: Config) -> str:
     return (f"Self-label kept SCAN's weights: no epoch raised the number of confident images "
             f"(of the mean confidence, with per_cluster) by more than "
             f"selflabel.plateau_tolerance={sl.plateau_tolerance} of the data.")
+
+
+def prior_setting(scan: Any) -> str:
+    """The run's cluster prior as the report names it: the keys that change it from uniform."""
+    if scan.prior != "adaptive":
+        return scan.prior
+    return (f"adaptive (scan.prior_momentum={scan.prior_momentum:g}, "
+            f"scan.prior_floor={scan.prior_floor:g}, scan.prior_warmup={scan.prior_warmup:g})")
 
 
 def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str, prior: str) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from scanclust.figures import cluster_prototypes
-from scanclust.results import MAX_THUMBNAILS
+from scanclust.results import MAX_THUMBNAILS, prior_setting
 from tests.conftest import XSS_NAME, chromium_driver
 
 def test_prototypes_are_nearest_to_the_confident_core() -> None:
@@ -100,3 +100,11 @@ def test_cluster_sizes_stand_beside_the_uniform_prior_size(
     even = total / len(rows)
     assert f"({total} / {len(rows)}); this run: scan.prior=" in page
     assert page.count(f"; uniform {even:.0f})</span>") == len(rows)
+
+
+def test_the_report_names_every_key_of_an_adaptive_prior() -> None:
+    from scanclust.config import ScanConfig
+
+    assert prior_setting(ScanConfig()) == "uniform"
+    assert prior_setting(ScanConfig(prior="adaptive", prior_warmup=0.5)) == (
+        "adaptive (scan.prior_momentum=0.99, scan.prior_floor=0.2, scan.prior_warmup=0.5)")
