@@ -52,8 +52,11 @@ from scanclust.config import load_config  # noqa: E402
 from scanclust.pipeline import STAGE_FUNCTIONS  # noqa: E402
 from scanclust.rundir import RunDir, read_json  # noqa: E402
 
-PRIORS = {"uniform": ["scan.prior=uniform"], "adaptive": ["scan.prior=adaptive"],
-          "adaptive_warmup": ["scan.prior=adaptive", "scan.prior_warmup=0.5"]}
+# Every prior key set, so that a base run made under other defaults does not leak into a variant
+ADAPTIVE = ["scan.prior=adaptive", "scan.prior_momentum=0.99", "scan.prior_floor=0.2"]
+PRIORS = {"uniform": ["scan.prior=uniform"],
+          "adaptive": ADAPTIVE + ["scan.prior_warmup=0"],
+          "adaptive_warmup": ADAPTIVE + ["scan.prior_warmup=0.5"]}
 SELECTIONS = {"threshold": ["selflabel.selection=threshold"],
               "per_cluster": ["selflabel.selection=per_cluster"]}
 QUIET = ["progress=false", "evaluate.figures=false", "evaluate.kmeans=false"]
@@ -100,10 +103,14 @@ def size_distance(metrics: dict, true_sizes: list[int]) -> float:
 def variant(base: Path, target: Path, overrides: list[str], redo: tuple[str, ...],
             true_sizes: list[int], linked: tuple[str, ...]) -> dict:
     """Run ``redo`` then evaluate in ``target`` (linked to ``base``'s ``linked`` stages); the
-    cached result when it is there."""
+    cached result when it is there and was made with the same seed, scan and self-label
+    settings."""
     if (target / "result.json").is_file():
-        return {**read_json(target / "result.json"),
-                "selflabel_summary": read_json(target / "selflabel" / "summary.json")}
+        wanted = load_config(base / "config.yaml", overrides + QUIET)
+        made = load_config(target / "config.yaml")
+        if (wanted.seed, wanted.scan, wanted.selflabel) == (made.seed, made.scan, made.selflabel):
+            return {**read_json(target / "result.json"),
+                    "selflabel_summary": read_json(target / "selflabel" / "summary.json")}
     if target.exists():
         import shutil
 
