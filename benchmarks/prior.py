@@ -10,8 +10,9 @@ profiles, each drawn afresh per seed with the digits in a seeded random order of
 
 Per profile and seed one pretext and mining with the demo config (``data.dataset=folder``, so
 SCAN's selection and the evaluation see the whole folder, as ``scanclust cluster`` does) are
-shared by every variant: SCAN with each prior (``scan.prior``), and on each SCAN self-label
-with each selection (``selflabel.selection``). ``folder``: the same variants on a finished
+shared by every variant: SCAN with each prior (``PRIORS``: uniform, adaptive, and adaptive
+with a warm-up of half the epochs; ``--priors`` picks), and on each SCAN self-label with each
+selection (``selflabel.selection``). ``folder``: the same variants on a finished
 ``scanclust cluster --preset cpu`` run (SCAN and self-label heads on cached features of its
 frozen backbone), reusing its pretext and mining; ``--set seed=S`` draws another SCAN and
 self-label on the same pretext. ``cifar``: the CIFAR-10 folders for it. ``summary``: the
