@@ -29,6 +29,7 @@ def test_plan_scales_with_the_data() -> None:
     assert small["scan.cached_views"] == 5 and small["scan.update_backbone"] is False
     assert small["scan.epochs"] == 200 and small["selflabel.epochs"] == 20
     assert small["scan.augment"] == "simclr" and small["selflabel.augment"] == "strong"
+    assert (small["scan.prior"], small["scan.prior_warmup"]) == ("adaptive", 0.75)
     photos = plan("cpu", "scratch", images=100_000, side=3000)
     assert photos["data.image_size"] == 32 and photos["pretext.epochs"] == 10  # lower bound
     tiny = plan("cpu", "scratch", images=200, side=12)
@@ -36,6 +37,7 @@ def test_plan_scales_with_the_data() -> None:
     gpu = plan("gpu", "scratch", images=5000, side=96)
     assert gpu["model.backbone"] == "resnet18_stl" and gpu["data.image_size"] == 96
     assert gpu["scan.update_backbone"] is True and gpu["scan.epochs"] == 80
+    assert "scan.prior" not in gpu  # the uniform prior: fine-tuning lost 2.5 on balanced digits
     for settings in (small, photos, tiny, gpu):
         load_config(None, settings)  # every plan is a valid config
 
@@ -46,6 +48,7 @@ def test_plan_for_pretrained_backbones(tmp_path: Path) -> None:
     assert tv["data.image_size"] == 224 and tv["scan.update_backbone"] is False
     assert tv["scan.cached_views"] == 1 and tv["selflabel.cached_views"] == 1
     assert tv["mine.batch_size"] == tv["evaluate.batch_size"] == 32  # 2.3x the rate of 512
+    assert "scan.prior" not in tv  # not measured on pretrained features: the uniform prior
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     local = plan("gpu", str(weights), images=3000, side=400)
