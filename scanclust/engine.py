@@ -210,6 +210,9 @@ class Loop:
     def train_mode(self) -> None:
         self.model.train()
 
+    def begin_epoch(self) -> None:
+        """Before each epoch's first step (``self.epoch`` is the epoch about to run)."""
+
     def skip(self, out: Batch) -> bool:
         """Whether a step's result is no update (its batch is then skipped and counted)."""
         return False
@@ -252,6 +255,7 @@ class Loop:
         while self.epoch < epochs and not self.stopped():
             epoch = self.epoch
             seed_all(derive_seed(cfg.seed, stage, epoch))
+            self.begin_epoch()
             batches = self.data.batches(self.augment, self.settings.batch_size, shuffle=True,
                                         seed=derive_seed(cfg.seed, stage, "order", epoch),
                                         train=True)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from scanclust.clusterer import load
-from scanclust.config import Config
+from scanclust.config import Config, ScanConfig
 from scanclust.data import build_dataset
 from scanclust.data.cache import decoded_images
 from scanclust.data.datasets import FolderDataset
@@ -303,7 +303,7 @@ def kept_scan_note(summary: dict[str, Any], cfg: Config) -> str:
             f"selflabel.plateau_tolerance={sl.plateau_tolerance} of the data.")
 
 
-def prior_setting(scan: Any) -> str:
+def prior_setting(scan: ScanConfig) -> str:
     """The run's cluster prior as the report names it: the keys that change it from uniform."""
     if scan.prior != "adaptive":
         return scan.prior

@@ -109,8 +109,10 @@ class ScanLoop(Loop):
                                      "model": cpu_state(self.model)}
         self.history: list[list[float]] = []
 
-    def train_mode(self) -> None:  # at the start of every epoch
+    def train_mode(self) -> None:
         self.model.train_mode(self.settings.update_backbone)
+
+    def begin_epoch(self) -> None:
         if self.prior is not None:
             self.prior.begin_epoch(self.epoch)
 
