@@ -10,8 +10,9 @@ profiles, each drawn afresh per seed with the digits in a seeded random order of
 
 Per profile and seed one pretext and mining with the demo config (``data.dataset=folder``, so
 SCAN's selection and the evaluation see the whole folder, as ``scanclust cluster`` does) are
-shared by every variant: SCAN with each prior (``PRIORS``: uniform, adaptive, and adaptive
-with a warm-up of half the epochs; ``--priors`` picks), and on each SCAN self-label with each
+shared by every variant: SCAN with each prior (``PRIORS``: uniform, adaptive, adaptive
+with a warm-up of half the epochs, and ``overcluster``: 3 x K clusters under the uniform prior,
+merged to K; ``--priors`` picks), and on each SCAN self-label with each
 selection (``selflabel.selection``). ``folder``: the same variants on a finished
 ``scanclust cluster --preset cpu`` run (SCAN and self-label heads on cached features of its
 frozen backbone), reusing its pretext and mining; ``--set seed=S`` draws another SCAN and
@@ -55,9 +56,10 @@ from scanclust.rundir import RunDir, read_json  # noqa: E402
 
 # Every prior key set, so that a base run made under other defaults does not leak into a variant
 ADAPTIVE = ["scan.prior=adaptive", "scan.prior_momentum=0.99", "scan.prior_floor=0.2"]
-PRIORS = {"uniform": ["scan.prior=uniform"],
-          "adaptive": ADAPTIVE + ["scan.prior_warmup=0"],
-          "adaptive_warmup": ADAPTIVE + ["scan.prior_warmup=0.5"]}
+PRIORS = {"uniform": ["scan.prior=uniform", "scan.overcluster=1"],
+          "adaptive": ADAPTIVE + ["scan.prior_warmup=0", "scan.overcluster=1"],
+          "adaptive_warmup": ADAPTIVE + ["scan.prior_warmup=0.5", "scan.overcluster=1"],
+          "overcluster": ["scan.prior=uniform", "scan.overcluster=3"]}
 SELECTIONS = {"threshold": ["selflabel.selection=threshold"],
               "per_cluster": ["selflabel.selection=per_cluster"]}
 QUIET = ["progress=false", "evaluate.figures=false", "evaluate.kmeans=false"]

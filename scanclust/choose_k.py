@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from scanclust.files import atomic_write
+from scanclust.merge import cluster_edges, greedy_merges
 
 
 @dataclass
@@ -298,9 +299,7 @@ def merge_agreements(labels: np.ndarray, neighbors: np.ndarray) -> dict[int, flo
     merge that took c clusters to c - 1. The agreement of clusters a and b is the larger of
     the share of a's kNN edges that end in b and the share of b's that end in a."""
     _, labels = np.unique(labels, return_inverse=True)
-    count = int(labels.max()) + 1
-    edges = np.zeros((count, count))
-    np.add.at(edges, (np.repeat(labels, neighbors.shape[1]), labels[neighbors].ravel()), 1.0)
+    edges = cluster_edges(labels, neighbors, int(labels.max()) + 1)
     agreements = {}
     while len(edges) > 1:
         share = edges / edges.sum(1, keepdims=True)
@@ -354,25 +353,9 @@ def louvain_labels(neighbors: np.ndarray, seed: int = 0, tries: int = 3) -> np.n
 
 def merged_modularities(labels: np.ndarray, neighbors: np.ndarray) -> dict[int, float]:
     """``{count: modularity}`` of ``labels`` and of every partition that merging its clusters
-    makes, the pair whose merge keeps the modularity highest first. Computed on the matrix of
-    kNN edges between clusters: ``Q = trace(E) / m - sum_c out_c * in_c / m^2``."""
-    count = int(labels.max()) + 1
-    edges = np.zeros((count, count))
-    np.add.at(edges, (np.repeat(labels, neighbors.shape[1]), labels[neighbors].ravel()), 1.0)
-    m = edges.sum()
-    found = {}
-    while True:
-        out_degree, in_degree = edges.sum(1), edges.sum(0)
-        found[len(edges)] = float(np.trace(edges) / m - (out_degree * in_degree).sum() / m ** 2)
-        if len(edges) == 1:
-            return found
-        gain = (edges + edges.T) / m - (np.outer(out_degree, in_degree)
-                                        + np.outer(in_degree, out_degree)) / m ** 2
-        np.fill_diagonal(gain, -np.inf)
-        a, b = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        edges[a] += edges[b]
-        edges[:, a] += edges[:, b]
-        edges = np.delete(np.delete(edges, b, 0), b, 1)
+    makes, the pair whose merge keeps the modularity highest first (``merge.greedy_merges``)."""
+    edges = cluster_edges(labels, neighbors, int(labels.max()) + 1)
+    return {len(groups): score for score, groups in greedy_merges(edges)}
 
 
 def by_louvain(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:

@@ -160,6 +160,9 @@ class ScanConfig:
     prior_momentum: float = 0.99
     prior_floor: float = 0.2
     prior_warmup: float = 0.0
+    # Train this many times the clusters asked for, then merge them down on the mined kNN graph
+    # (``merge.py``): a large class may then be several of SCAN's clusters, a small one its own
+    overcluster: int = 1
     num_heads: int = 1
     num_neighbors: int | None = None  # None: all mined; 0: the anchor's own augmentation
     partner: str = "neighbors_and_self"  # draw among the K neighbours and the image itself | neighbors
@@ -200,7 +203,7 @@ class SelfLabelConfig:
 # resumed old run compares as made with them (``lineage.compare_configs``).
 ADDED_KEYS: dict[str, Any] = {
     **{f"scan.{k}": getattr(ScanConfig(), k) for k in ("prior", "prior_momentum", "prior_floor",
-                                                      "prior_warmup")},
+                                                      "prior_warmup", "overcluster")},
     **{f"selflabel.{k}": getattr(SelfLabelConfig(), k)
        for k in ("selection", "per_cluster_fraction")},
 }
@@ -380,6 +383,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.scan.prior_momentum < 1, "scan.prior_momentum", "must be in [0, 1)")
     _require(0 <= cfg.scan.prior_floor <= 1, "scan.prior_floor", "must be in [0, 1]")
     _require(0 <= cfg.scan.prior_warmup <= 1, "scan.prior_warmup", "must be in [0, 1]")
+    _require(cfg.scan.overcluster >= 1, "scan.overcluster", "must be >= 1")
     _choice(cfg.scan.partner, "scan.partner", ("neighbors_and_self", "neighbors"))
     _require(cfg.scan.selection_entropy_weight is None or cfg.scan.selection_entropy_weight >= 0,
              "scan.selection_entropy_weight", "must be >= 0 or null")

@@ -25,6 +25,9 @@ def num_clusters(cfg: Config, dataset: ImageDataset) -> int:
     if count > len(dataset):
         raise ConfigError(f"config key 'model.num_clusters': {count} clusters for only "
                           f"{len(dataset)} images")
+    if count * cfg.scan.overcluster > len(dataset):
+        raise ConfigError(f"config key 'scan.overcluster': {cfg.scan.overcluster} x {count} "
+                          f"clusters to train for only {len(dataset)} images")
     return count
 
 

@@ -304,11 +304,15 @@ def kept_scan_note(summary: dict[str, Any], cfg: Config) -> str:
 
 
 def prior_setting(scan: ScanConfig) -> str:
-    """The run's cluster prior as the report names it: the keys that change it from uniform."""
-    if scan.prior != "adaptive":
-        return scan.prior
-    return (f"adaptive (scan.prior_momentum={scan.prior_momentum:g}, "
-            f"scan.prior_floor={scan.prior_floor:g}, scan.prior_warmup={scan.prior_warmup:g})")
+    """The run's cluster prior as the report names it: the keys that change it from uniform,
+    and the over-clustering whose merge frees the sizes of the clusters shown."""
+    name = scan.prior if scan.prior != "adaptive" else (
+        f"adaptive (scan.prior_momentum={scan.prior_momentum:g}, "
+        f"scan.prior_floor={scan.prior_floor:g}, scan.prior_warmup={scan.prior_warmup:g})")
+    if scan.overcluster > 1:
+        name += (f" over scan.overcluster={scan.overcluster} times as many clusters, merged on "
+                 f"the kNN graph")
+    return name
 
 
 def _charts(run: RunDir, clusters: list[dict], total: int, metrics: dict, stage: str, prior: str) -> str:

@@ -16,7 +16,7 @@ import yaml
 
 import scanclust
 from scanclust.cli import main
-from scanclust.folder import cluster, parse_clusters, parse_k_range, plan
+from scanclust.folder import cluster, fit_overcluster, parse_clusters, parse_k_range, plan
 from scanclust.config import ConfigError, load_config
 from scanclust.rundir import RunDirError
 from tests.conftest import CLUSTER_TINY, write_digit_folder
@@ -29,7 +29,7 @@ def test_plan_scales_with_the_data() -> None:
     assert small["scan.cached_views"] == 5 and small["scan.update_backbone"] is False
     assert small["scan.epochs"] == 200 and small["selflabel.epochs"] == 20
     assert small["scan.augment"] == "simclr" and small["selflabel.augment"] == "strong"
-    assert (small["scan.prior"], small["scan.prior_warmup"]) == ("adaptive", 0.75)
+    assert small["scan.overcluster"] == 3 and "scan.prior" not in small  # uniform, x3, merged
     photos = plan("cpu", "scratch", images=100_000, side=3000)
     assert photos["data.image_size"] == 32 and photos["pretext.epochs"] == 10  # lower bound
     tiny = plan("cpu", "scratch", images=200, side=12)
@@ -37,7 +37,8 @@ def test_plan_scales_with_the_data() -> None:
     gpu = plan("gpu", "scratch", images=5000, side=96)
     assert gpu["model.backbone"] == "resnet18_stl" and gpu["data.image_size"] == 96
     assert gpu["scan.update_backbone"] is True and gpu["scan.epochs"] == 80
-    assert "scan.prior" not in gpu  # the uniform prior: fine-tuning lost 2.5 on balanced digits
+    # fine-tuning lost on balanced digits: 4.0 points over-clustered, 2.5 with the adaptive prior
+    assert "scan.prior" not in gpu and "scan.overcluster" not in gpu
     for settings in (small, photos, tiny, gpu):
         load_config(None, settings)  # every plan is a valid config
 
@@ -48,13 +49,27 @@ def test_plan_for_pretrained_backbones(tmp_path: Path) -> None:
     assert tv["data.image_size"] == 224 and tv["scan.update_backbone"] is False
     assert tv["scan.cached_views"] == 1 and tv["selflabel.cached_views"] == 1
     assert tv["mine.batch_size"] == tv["evaluate.batch_size"] == 32  # 2.3x the rate of 512
-    assert "scan.prior" not in tv  # not measured on pretrained features: the uniform prior
+    # not measured on pretrained features: K clusters under the uniform prior
+    assert "scan.prior" not in tv and "scan.overcluster" not in tv
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     local = plan("gpu", str(weights), images=3000, side=400)
     assert local["pretext.method"] == "weights" and local["pretext.weights"] == str(weights)
     for settings in (tv, local):
         load_config(None, settings)
+
+
+def test_overclustering_is_fitted_to_the_folder(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, {"scan.overcluster": 5})
+    # 3,000 images, 10 clusters: 50 trained clusters of 60 images on average, as asked
+    assert fit_overcluster(cfg, 5, 3000, 10).scan.overcluster == 5
+    # 200 images, 10 clusters: 2 x 10 clusters keep 10 images each
+    with caplog.at_level(logging.INFO, logger="scanclust"):
+        assert fit_overcluster(cfg, 5, 200, 10).scan.overcluster == 2
+    assert "200 images for 10 clusters, so scan.overcluster=2 (instead of 5)" in caplog.text
+    assert fit_overcluster(cfg, 5, 60, 10).scan.overcluster == 1  # no over-clustering
+    # K chosen later than the first fit (--clusters auto): fitted again from the asked factor
+    assert fit_overcluster(fit_overcluster(cfg, 5, 200, 20), 5, 200, 4).scan.overcluster == 5
 
 
 def test_argument_errors() -> None:

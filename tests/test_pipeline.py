@@ -224,6 +224,38 @@ def test_adaptive_prior_and_per_cluster_selection_resume_identically(
     assert summary["kept_epoch"] >= 1  # it trained, where the threshold would keep SCAN's weights
 
 
+def test_overclustered_scan_merges_to_k_and_resumes_identically(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3 x 10 clusters trained, merged to 10 on the kNN graph; the merge is in both checkpoints,
+    # self-label trains through it, and evaluation and predict see 10 clusters
+    ov = TINY + ["pretext.epochs=1", "scan.epochs=3", "selflabel.epochs=2", "scan.overcluster=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out in (straight, resumed):
+        scanclust.pretext("demo", out, overrides=ov)
+        scanclust.mine("demo", out, overrides=ov)
+    scanclust.scan("demo", straight, overrides=ov)
+    with monkeypatch.context() as m:
+        kill_at_epoch(m, 2)
+        with pytest.raises(Killed):
+            scanclust.scan("demo", resumed, overrides=ov)
+    scanclust.scan("demo", resumed, overrides=ov, resume=True)
+    summary = json.loads((straight / "scan" / "summary.json").read_text())
+    assert summary["num_clusters"] == 10 and summary["trained_clusters"] == 30
+    assert len(summary["merge"]) == 30 and sorted(set(summary["merge"])) == list(range(10))
+    assert sum(summary["trained_sizes"]) == 200
+    a = load_checkpoint(straight / "scan" / "checkpoint.pt")
+    b = load_checkpoint(resumed / "scan" / "checkpoint.pt")
+    assert a["merge"] == b["merge"] == summary["merge"]
+    assert a["best"]["model"]["heads.weight"].shape[0] == 30 * a["num_heads"]
+    metrics = scanclust.run("demo", straight, overrides=ov, resume=True)
+    for stage in ("scan", "selflabel"):
+        assert len(metrics["stages"][stage]["cluster_sizes"]) == 10, stage
+    assert load_checkpoint(straight / "selflabel" / "checkpoint.pt")["merge"] == a["merge"]
+    dataset = build_dataset(load_config("demo", ov).data, "val")
+    labels, probs = scanclust.predict(straight, [dataset.load(i) for i in range(4)], device="cpu")
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
 def test_worker_data_path_runs_every_stage(tmp_path: Path) -> None:
     ov = TINY + ["perf.data_path=workers", "pretext.epochs=1", "scan.epochs=1",
                  "selflabel.epochs=1"]
@@ -485,6 +517,9 @@ def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path
      "pretext.weights' in the overrides: is set, but pretext.method=simclr"),
     (["scan.prior=zipf"], "scan.prior' in the overrides: 'zipf' is not one of uniform, adaptive"),
     (["scan.prior_warmup=1.5"], "scan.prior_warmup' in the overrides: must be in [0, 1]"),
+    (["scan.overcluster=0"], "scan.overcluster' in the overrides: must be >= 1"),
+    (["scan.overcluster=25"], "config key 'scan.overcluster': 25 x 10 clusters to train for only "
+                              "200 images"),
     (["selflabel.selection=top"],
      "selflabel.selection' in the overrides: 'top' is not one of threshold, per_cluster"),
 ])

@@ -108,3 +108,5 @@ def test_the_report_names_every_key_of_an_adaptive_prior() -> None:
     assert prior_setting(ScanConfig()) == "uniform"
     assert prior_setting(ScanConfig(prior="adaptive", prior_warmup=0.5)) == (
         "adaptive (scan.prior_momentum=0.99, scan.prior_floor=0.2, scan.prior_warmup=0.5)")
+    assert prior_setting(ScanConfig(overcluster=3)) == (
+        "uniform over scan.overcluster=3 times as many clusters, merged on the kNN graph")

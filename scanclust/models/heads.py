@@ -27,13 +27,19 @@ class ClusterModel(nn.Module):
     the one with the lowest SCAN loss is kept. The heads are one ``Linear`` with
     ``num_heads * num_clusters`` outputs, a single matmul instead of one per head; ``forward``
     returns logits ``[H, B, C]``.
+
+    After ``merge_clusters`` (``scan.overcluster``) the heads' ``outputs`` clusters are joined
+    into ``num_clusters``: a merged cluster's logit is the log-sum-exp of its members', so its
+    probability is the sum of theirs and every loss and prediction downstream sees K clusters.
     """
 
     def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
-        self.num_clusters = num_clusters
+        self.num_clusters = self.outputs = num_clusters
         self.num_heads = num_heads
+        self.register_buffer("merge", None)  # [outputs, num_clusters] 0/1, once merged
+        self.merge: torch.Tensor | None
         self.heads = nn.Linear(backbone.out_dim, num_heads * num_clusters)
         bound = 1 / backbone.out_dim ** 0.5  # each head initialised like its own nn.Linear
         nn.init.uniform_(self.heads.weight, -bound, bound)
@@ -45,7 +51,27 @@ class ClusterModel(nn.Module):
     def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
         """Heads only: used with cached features when the backbone is frozen."""
         logits = self.heads(features)
-        return logits.view(len(features), self.num_heads, self.num_clusters).transpose(0, 1)
+        logits = logits.view(len(features), self.num_heads, self.outputs).transpose(0, 1)
+        if self.merge is None:
+            return logits
+        logits = logits.float()  # exp and log in float32 also under autocast
+        top = logits.amax(-1, keepdim=True)
+        mass = torch.exp(logits - top) @ self.merge
+        return torch.log(mass.clamp_min(torch.finfo(mass.dtype).tiny)) + top
+
+    def merge_clusters(self, mapping: list[int]) -> None:
+        """Join the heads' clusters: trained cluster ``c`` becomes part of ``mapping[c]``."""
+        if len(mapping) != self.outputs or min(mapping) < 0:
+            raise ValueError(f"a merge of {self.outputs} clusters needs as many targets >= 0, "
+                             f"got {mapping}")
+        merge = torch.zeros(self.outputs, max(mapping) + 1, device=self.heads.weight.device)
+        merge[torch.arange(self.outputs), torch.as_tensor(mapping)] = 1.0
+        self.merge = merge
+        self.num_clusters = merge.shape[1]
+
+    def merge_mapping(self) -> list[int] | None:
+        """The ``mapping`` of ``merge_clusters``, or None if the clusters were not merged."""
+        return None if self.merge is None else self.merge.argmax(1).tolist()
 
     def freeze_backbone(self) -> None:
         """Fix the backbone's weights and batch-norm statistics (the paper's ImageNet setting)."""
@@ -61,8 +87,8 @@ class ClusterModel(nn.Module):
 
     def keep_head(self, index: int) -> None:
         """Drop all heads but ``index`` (self-label continues from the best SCAN head)."""
-        rows = slice(index * self.num_clusters, (index + 1) * self.num_clusters)
-        head = nn.Linear(self.heads.in_features, self.num_clusters)
+        rows = slice(index * self.outputs, (index + 1) * self.outputs)
+        head = nn.Linear(self.heads.in_features, self.outputs)
         head = head.to(self.heads.weight.device, self.heads.weight.dtype)
         with torch.no_grad():
             head.weight.copy_(self.heads.weight[rows])

@@ -32,10 +32,16 @@ def load_cluster_model(run: RunDir, stage: str) -> tuple[ClusterModel, dict[str,
     with the checkpoint."""
     state = load_checkpoint(run.checkpoint(stage), stage)
     heads = state["num_heads"] if stage == "scan" else 1
-    model = build_cluster_model(load_config(state["config"]), state["num_clusters"], heads)
-    load_state(model, state["best"]["model"], run.checkpoint(stage))
+    merge = state.get("merge")  # scan.overcluster: the trained clusters and their merge
+    outputs = len(merge) if merge else state["num_clusters"]
+    model = build_cluster_model(load_config(state["config"]), outputs, heads)
     if stage == "scan":
+        load_state(model, state["best"]["model"], run.checkpoint(stage))
         model.keep_head(state["best"]["head"])
+    if merge:
+        model.merge_clusters(merge)
+    if stage != "scan":
+        load_state(model, state["best"]["model"], run.checkpoint(stage))
     return model, state
 
 

@@ -9,6 +9,7 @@ are kept.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from scanclust.engine import (Loop, cpu_state, feature_path, log, predict_logits
 from scanclust.health import collapse_warning
 from scanclust.losses import (EPS, batch_marginal, cluster_probabilities, prior_divergence,
                               scan_loss)
+from scanclust.merge import merge_map
 from scanclust.models import ClusterModel, Heads, backbone_state, build_cluster_model
 from scanclust.preflight import num_clusters
 from scanclust.rundir import RunDir
@@ -105,6 +107,7 @@ class ScanLoop(Loop):
         super().__init__(*args, **kwargs)
         self.val, self.val_neighbors, self.clusters = val, val_neighbors, clusters
         self.prior = prior
+        self.merge: list[int] | None = None  # scan.overcluster: set after the last epoch
         self.best: dict[str, Any] = {"loss": float("inf"), "head": 0, "epoch": 0,
                                      "model": cpu_state(self.model)}
         self.history: list[list[float]] = []
@@ -140,10 +143,12 @@ class ScanLoop(Loop):
     def state(self) -> dict[str, Any]:
         return {"best": self.best, "history": self.history, "num_clusters": self.clusters,
                 "num_heads": self.settings.num_heads,
-                "prior": None if self.prior is None else self.prior.estimate.cpu()}
+                "prior": None if self.prior is None else self.prior.estimate.cpu(),
+                "merge": self.merge}
 
     def load(self, state: dict[str, Any]) -> None:
         self.best, self.history = state["best"], state["history"]
+        self.merge = state.get("merge")
         if self.prior is not None:  # in place: a captured step holds the tensor
             self.prior.estimate.copy_(state["prior"])
 
@@ -220,8 +225,9 @@ def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
     clusters = num_clusters(cfg, train_set)
+    trained = clusters * sc.overcluster
     seed_all(derive_seed(cfg.seed, STAGE, "init"))
-    model = build_cluster_model(cfg, clusters, sc.num_heads)
+    model = build_cluster_model(cfg, trained, sc.num_heads)
     pretext_state = load_checkpoint(run.checkpoint("pretext"), "pretext")
     load_state(model.backbone, backbone_state(pretext_state["model"]), run.checkpoint("pretext"))
     if not sc.update_backbone:
@@ -247,22 +253,54 @@ def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
                                   cfg.amp, False)[0]
     views = {"anchor": sc.augment, "neighbor": sc.augment}
     augment = data.augment(train_set, views, partner_table(train_neighbors, sc))
-    prior = (AdaptivePrior(sc.num_heads, clusters, sc.prior_momentum, sc.prior_floor, device,
+    prior = (AdaptivePrior(sc.num_heads, trained, sc.prior_momentum, sc.prior_floor, device,
                            round(sc.prior_warmup * sc.epochs)) if sc.prior == "adaptive" else None)
     loop = ScanLoop(STAGE, cfg, run, model,
                     scan_body(forward, augment, sc.entropy_weight, device, cfg.amp, prior), data,
                     augment, len(train_set), device, val=val, val_neighbors=val_neighbors,
-                    clusters=clusters, prior=prior)
+                    clusters=trained, prior=prior)
     loop.fit(resume=status == "resume")
     best = loop.best
-    if "sizes" in best:
+    merged = {}
+    if sc.overcluster > 1:
+        probs = _best_probabilities(loop, cfg, train_set, data, device)
+        loop.merge = merge_map(probs, train_neighbors, clusters).tolist()
+        loop.save()
+        trained_sizes = np.bincount(probs.argmax(1), minlength=trained)
+        merged = {"trained_clusters": trained, "trained_sizes": trained_sizes.tolist(),
+                  "merge": loop.merge}
+        # the trained clusters may well be empty; what must not be is a merged one
+        collapse_warning(np.bincount(loop.merge, trained_sizes, clusters).astype(int).tolist(),
+                         f"scan (head {best['head']}, epoch {best['epoch']}, merged from "
+                         f"{trained} clusters, on the train split)")
+    elif "sizes" in best:
         collapse_warning(best["sizes"], f"scan (head {best['head']}, epoch {best['epoch']}, "
                          f"on the val split)")
     summary = {"seconds": loop.seconds, "epochs": sc.epochs, "best_head": best["head"],
                "best_epoch": best["epoch"], "best_loss": best["loss"],
-               "num_clusters": clusters, "data_path": data.name, "step": loop.step.mode}
+               "num_clusters": clusters, **merged, "data_path": data.name,
+               "step": loop.step.mode}
     run.finish(STAGE, summary)
     return summary
+
+
+def _best_probabilities(loop: ScanLoop, cfg: Config, train_set: Any, data: Any,
+                        device: torch.device) -> np.ndarray:
+    """The kept head's probabilities on the train split's eval view (its cached features when
+    SCAN trained on them), for the merge of ``scan.overcluster``."""
+    best = copy.deepcopy(loop.model)
+    load_state(best, loop.best["model"], loop.run.checkpoint(STAGE))
+    best.keep_head(loop.best["head"])
+    best.eval()
+    if cfg.scan.cached_views:
+        with torch.no_grad():
+            logits = torch.cat([best.forward_heads(part.to(device, torch.float32))[0].float().cpu()
+                                for part in data.features[0].split(4096)])
+    else:
+        logits = predict_logits(best, data_path_for(cfg, device, train_set), train_set,
+                                cfg.evaluate.batch_size, device, cfg.amp, cfg.progress,
+                                "scan: clusters to merge")[0][0]
+    return torch.softmax(logits, dim=1).numpy()
 
 
 def _cached(model: ClusterModel, cfg: Config, data: Any, train_set: Any, val_data: Any,

@@ -127,7 +127,7 @@ class SelfLabelLoop(Loop):
     def state(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else {},
                 "plateau": self.plateau, "best": self.best, "history": self.history,
-                "num_clusters": self.model.num_clusters}
+                "num_clusters": self.model.num_clusters, "merge": self.model.merge_mapping()}
 
     def load(self, state: dict[str, Any]) -> None:
         if self.ema is not None:

@@ -1,0 +1,80 @@
+"""Over-clustering, then merging: SCAN trains ``scan.overcluster`` times the K clusters asked
+for, and the clusters are then joined down to K on the mined kNN graph.
+
+Why: the entropy term's uniform prior makes every cluster about N/K images, so a class larger
+than that is split and small classes are lumped together; and with few clusters SCAN's heads
+often settle in a poor partition. With 3K clusters a large class becomes several clusters, a
+small one can have its own, and the merge joins the clusters whose images are each other's
+neighbours, whatever sizes that gives (README, "Clusters of different sizes"; measured in
+benchmarks/RESULTS.md). The merge is greedy on Newman's modularity of the cluster graph (the
+agglomeration of Clauset, Newman and Moore, 2004, started from the clusters instead of single
+images): at each step the pair whose union raises the modularity most, or lowers it least.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+
+def cluster_edges(labels: np.ndarray, neighbors: np.ndarray, count: int) -> np.ndarray:
+    """``E[a, b]``: the kNN edges ``i -> neighbors[i, :]`` from cluster ``a`` to cluster ``b``."""
+    edges = np.zeros((count, count))
+    np.add.at(edges, (np.repeat(labels, neighbors.shape[1]), labels[neighbors].ravel()), 1.0)
+    return edges
+
+
+def greedy_merges(edges: np.ndarray) -> Iterator[tuple[float, list[list[int]]]]:
+    """The modularity and the groups of clusters, from every cluster alone down to one group,
+    merging at each step the pair that keeps the modularity highest
+    (``Q = trace(E) / m - sum_g out_g * in_g / m^2``; ties go to the lowest indices)."""
+    edges = np.array(edges, dtype=np.float64)
+    groups = [[c] for c in range(len(edges))]
+    m = edges.sum()
+    while True:
+        out_degree, in_degree = edges.sum(1), edges.sum(0)
+        yield (float(np.trace(edges) / m - (out_degree * in_degree).sum() / m ** 2),
+               [list(g) for g in groups])
+        if len(edges) == 1:
+            return
+        gain = (edges + edges.T) / m - (np.outer(out_degree, in_degree)
+                                        + np.outer(in_degree, out_degree)) / m ** 2
+        np.fill_diagonal(gain, -np.inf)
+        a, b = sorted(np.unravel_index(int(np.argmax(gain)), gain.shape))
+        edges[a] += edges[b]
+        edges[:, a] += edges[:, b]
+        edges = np.delete(np.delete(edges, b, 0), b, 1)
+        groups[a] += groups.pop(b)
+
+
+def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
+    """Which of ``k`` merged clusters each of the ``probs.shape[1]`` trained clusters joins.
+
+    ``probs``: the trained head's probabilities ``[N, C]`` of the images whose kNN rows are
+    ``neighbors`` ``[N, n]``. The clusters that hold images (their argmax) are merged greedily
+    on modularity until ``k`` are left; a cluster no image is assigned to goes where its
+    probability mass lies (so that a new image landing in it still gets a merged cluster). If
+    fewer than ``k`` clusters hold images, they all stay apart and the others fill the rest.
+    """
+    count = probs.shape[1]
+    labels = probs.argmax(1)
+    used = np.flatnonzero(np.bincount(labels, minlength=count))
+    mapping = np.full(count, -1, dtype=np.int64)
+    if len(used) <= k:
+        mapping[used] = np.arange(len(used))
+        rest = np.setdiff1d(np.arange(count), used)
+        mapping[rest[:k - len(used)]] = np.arange(len(used), k)
+    else:
+        index = np.full(count, -1, dtype=np.int64)
+        index[used] = np.arange(len(used))
+        groups = next(g for _, g in greedy_merges(cluster_edges(index[labels], neighbors,
+                                                                len(used))) if len(g) == k)
+        for g, members in enumerate(groups):
+            mapping[used[members]] = g
+    empty = np.flatnonzero(mapping < 0)
+    if len(empty):
+        merged = mapping[labels]
+        mass = np.stack([probs[merged == g][:, empty].sum(0) for g in range(k)])
+        mapping[empty] = mass.argmax(0)
+    return mapping

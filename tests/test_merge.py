@@ -1,0 +1,82 @@
+"""Over-clustering's merge: the cluster graph, the greedy modularity merges, and the merged
+model's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scanclust.choose_k import modularity
+from scanclust.merge import cluster_edges, greedy_merges, merge_map
+from scanclust.models import ClusterModel, TinyResNet
+
+
+def two_groups_of_two() -> tuple[np.ndarray, np.ndarray]:
+    """8 images in 4 clusters of 2; each image's 2 neighbours are its cluster mate and one
+    image of the partner cluster (0 with 1, 2 with 3): the graph has 2 groups, each split."""
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    neighbors = np.array([[1, 2], [0, 3], [3, 0], [2, 1], [5, 6], [4, 7], [7, 4], [6, 5]])
+    return labels, neighbors
+
+
+def test_cluster_edges_count_the_knn_edges_between_clusters() -> None:
+    labels, neighbors = two_groups_of_two()
+    edges = cluster_edges(labels, neighbors, 4)
+    # cluster 0 = images 0, 1: two edges inside (0->1, 1->0), two to cluster 1 (0->2, 1->3)
+    assert edges[0].tolist() == [2, 2, 0, 0] and edges[3].tolist() == [0, 0, 2, 2]
+    assert edges.sum() == 16
+
+
+def test_greedy_merges_join_the_split_groups_and_score_as_modularity() -> None:
+    labels, neighbors = two_groups_of_two()
+    steps = list(greedy_merges(cluster_edges(labels, neighbors, 4)))
+    assert [len(groups) for _, groups in steps] == [4, 3, 2, 1]
+    # by hand: 4 clusters, 1/4 of the edges inside each and 1/4 of the degree: 4 (2/16 - 1/16)
+    assert steps[0][0] == pytest.approx(0.25)
+    assert steps[0][0] == pytest.approx(modularity(labels, neighbors))
+    # two groups: every edge inside, half the degree each: 1 - 2 / 4
+    assert steps[2][0] == pytest.approx(0.5)
+    assert sorted(sorted(g) for g in steps[2][1]) == [[0, 1], [2, 3]]
+    assert steps[3][0] == pytest.approx(0.0)
+
+
+def test_merge_map_sends_an_empty_cluster_where_its_mass_is() -> None:
+    labels, neighbors = two_groups_of_two()
+    probs = np.full((8, 5), 0.01)
+    probs[np.arange(8), labels] = 0.9
+    probs[4:, 4] = 0.05  # cluster 4 holds no image but leans towards images 4-7
+    mapping = merge_map(probs, neighbors, 2)
+    assert mapping[0] == mapping[1] != mapping[2] == mapping[3] == mapping[4]
+    assert sorted(set(mapping.tolist())) == [0, 1]
+
+
+def test_merge_map_keeps_too_few_used_clusters_apart() -> None:
+    probs = np.eye(4)[[0, 0, 1, 1]] * 0.9 + 0.025  # clusters 2 and 3 hold no image
+    mapping = merge_map(probs, np.array([[1], [0], [3], [2]]), 3)
+    assert mapping[0] != mapping[1] and mapping[2] == 2 and sorted(set(mapping.tolist())) == [0, 1, 2]
+
+
+def test_a_merged_cluster_has_the_summed_probability_of_its_members() -> None:
+    torch.manual_seed(0)
+    model = ClusterModel(TinyResNet(4), 6, 2)
+    x = torch.randn(5, 3, 8, 8)
+    model.eval()
+    before = torch.softmax(model(x), -1)
+    model.keep_head(1)
+    model.merge_clusters([0, 1, 0, 2, 1, 0])
+    assert model.num_clusters == 3 and model.outputs == 6
+    after = torch.softmax(model(x), -1)
+    assert after.shape == (1, 5, 3)
+    expected = torch.stack([before[1][:, [0, 2, 5]].sum(1), before[1][:, [1, 4]].sum(1),
+                            before[1][:, 3]], 1)
+    assert torch.allclose(after[0], expected, atol=1e-6)
+    assert model.merge_mapping() == [0, 1, 0, 2, 1, 0]
+    assert "merge" in model.state_dict()
+
+
+def test_an_unmerged_model_has_no_merge_in_its_weights() -> None:
+    model = ClusterModel(TinyResNet(4), 3, 1)
+    assert model.merge_mapping() is None and "merge" not in model.state_dict()
+    with pytest.raises(ValueError, match="a merge of 3 clusters"):
+        model.merge_clusters([0, 1])
