@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,14 @@ TINY = [
     "selflabel.epochs=2", "selflabel.batch_size=100", "selflabel.threshold=0.3",
     "evaluate.kmeans_restarts=1", "evaluate.num_low_confidence=8",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test run started in the background by a shell without job control (`cmd &` in a
+    # script, some CI runners) begins with SIGINT ignored, and every process a test starts would
+    # inherit that: the Ctrl-C tests would see their runs finish instead of stop.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _data_dir() -> Path:
