@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.choose_k import CACHE  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from scanclust.choose_k import knn_graph, louvain_labels, normalize  # noqa: E402
+from scanclust.choose_k import knn_graph, knn_nx_graph, louvain_labels, normalize  # noqa: E402
+from scanclust.merge import cluster_edges  # noqa: E402
 
 
 def weighted_louvain_count(neighbors: np.ndarray, weights: np.ndarray, seed: int = 0) -> int:
@@ -53,10 +54,7 @@ def resolution_count(neighbors: np.ndarray, reference: int, steps: int = 10) -> 
     classes (a split is worth the share 1 / (2 K^2) of the null term)."""
     import networkx as nx
 
-    n, k = neighbors.shape
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n))
-    graph.add_edges_from(zip(np.repeat(np.arange(n), k).tolist(), neighbors.ravel().tolist()))
+    graph = knn_nx_graph(neighbors)
 
     def count(resolution: float) -> int:
         return int(np.median([len(nx.community.louvain_communities(
@@ -98,9 +96,7 @@ def community_count(feats: np.ndarray, graph: str) -> int:
 
 
 def closest_pair_conductance(labels: np.ndarray, neighbors: np.ndarray) -> float:
-    count = int(labels.max()) + 1
-    edges = np.zeros((count, count))
-    np.add.at(edges, (np.repeat(labels, neighbors.shape[1]), labels[neighbors].ravel()), 1.0)
+    edges = cluster_edges(labels, neighbors, int(labels.max()) + 1)
     both = edges + edges.T
     degree = both.sum(1)
     np.fill_diagonal(both, 0)

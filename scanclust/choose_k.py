@@ -329,16 +329,26 @@ def by_scan_merge(data: Sample, ks: list[int]) -> tuple[list[float], int, str]:
     return scores, ks[int(np.argmax(scores))], "the largest drop in agreement wins"
 
 
-def louvain_labels(neighbors: np.ndarray, seed: int = 0, tries: int = 3) -> np.ndarray:
-    """Louvain communities (Blondel et al., 2008, as networkx implements it) of the symmetrised
-    kNN graph: of ``tries`` runs from different seeds, the one of the highest modularity (on
-    about half of the battery's feature sets one run's count moves with its seed, by 1-2)."""
+def knn_nx_graph(neighbors: Any) -> Any:
+    """The kNN rows ``i -> neighbors[i, :]`` as an undirected networkx graph (an edge either
+    end chose, once)."""
     import networkx as nx
 
     n, k = neighbors.shape
     graph = nx.Graph()
     graph.add_nodes_from(range(n))
     graph.add_edges_from(zip(np.repeat(np.arange(n), k).tolist(), neighbors.ravel().tolist()))
+    return graph
+
+
+def louvain_labels(neighbors: np.ndarray, seed: int = 0, tries: int = 3) -> np.ndarray:
+    """Louvain communities (Blondel et al., 2008, as networkx implements it) of the symmetrised
+    kNN graph: of ``tries`` runs from different seeds, the one of the highest modularity (on
+    about half of the battery's feature sets one run's count moves with its seed, by 1-2)."""
+    import networkx as nx
+
+    n = len(neighbors)
+    graph = knn_nx_graph(neighbors)
     best, best_score = np.zeros(n, dtype=np.int64), -np.inf
     for attempt in range(tries):
         labels = np.empty(n, dtype=np.int64)
