@@ -32,7 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO, machine  # noqa: E402
-from scanclust.choose_k import CRITERIA, score_partitions  # noqa: E402
+from scanclust.choose_k import (  # noqa: E402
+    CRITERIA,
+    SPECTRAL_K,
+    knn_graph,
+    louvain_labels,
+    normalize,
+    score_partitions,
+)
 
 CACHE = REPO / ".cache" / "choose_k"
 
@@ -93,6 +100,44 @@ def evaluate(features: np.ndarray, labels: np.ndarray, source: str, seed: int, k
     return rows
 
 
+def class_splits(communities: np.ndarray, labels: np.ndarray, names: list[str],
+                 share: float = 0.15) -> dict:
+    """What the features' own groups are, read with the labels (an explanation of a count,
+    never an input to one): Louvain's communities of the criteria's 40-neighbour graph, their
+    purity (the share of images in their community's majority class), and each class that
+    is the majority of two or more communities holding at least ``share`` of it, with those
+    communities' sizes in the class and purities. A class listed here is split by the
+    features themselves: any label-free count of their groups counts it twice."""
+    kept = labels >= 0
+    communities, labels = communities[kept], labels[kept]
+    classes = np.unique(labels)
+    table = np.array([[np.sum((communities == c) & (labels == t)) for t in classes]
+                      for c in range(int(communities.max()) + 1)])
+    table = table[table.sum(1) > 0]
+    majority = table.argmax(1)
+    split = {}
+    for j, t in enumerate(classes):
+        parts = [c for c in range(len(table))
+                 if majority[c] == j and table[c, j] >= share * table[:, j].sum()]
+        if len(parts) > 1:
+            split[names[int(t)]] = [{"images": int(table[c, j]),
+                                     "purity": round(float(table[c, j] / table[c].sum()), 3)}
+                                    for c in parts]
+    return {"communities": len(table), "purity": round(float(table.max(1).sum()
+                                                               / len(labels)), 3),
+            "split_classes": split,
+            "unmatched_classes": [names[int(t)] for j, t in enumerate(classes)
+                                  if j not in set(majority.tolist())]}
+
+
+def explain(features: np.ndarray, labels: np.ndarray, names: list[str], source: str,
+            seed: int, log) -> None:
+    """``class_splits`` of the features' Louvain communities, as one JSON line."""
+    feats = normalize(features)
+    log({"source": source, "seed": seed, "analysis": "louvain communities",
+         **class_splits(louvain_labels(knn_graph(feats, SPECTRAL_K), seed), labels, names)})
+
+
 def summarise(rows: list[dict], criteria: list[str]) -> dict[str, dict]:
     summary = {}
     for criterion in criteria:
@@ -138,8 +183,10 @@ def main() -> None:
     if args.features is not None:
         if args.labels is None:
             parser.error("--features needs --labels")
-        rows += evaluate(np.load(args.features), np.load(args.labels), str(args.features), 0,
-                         ks, criteria, log)
+        feats, labels = np.load(args.features), np.load(args.labels)
+        rows += evaluate(feats, labels, str(args.features), 0, ks, criteria, log)
+        explain(feats, labels, [str(c) for c in range(int(labels.max()) + 1)],
+                str(args.features), 0, log)
     else:
         first, last = (int(v) for v in args.seeds.split(":"))
         for count in (int(c) for c in args.classes.split(",")):
@@ -150,11 +197,16 @@ def main() -> None:
                       f"{seconds:.0f} s", file=sys.stderr, flush=True)
                 if not args.features_only:
                     rows += evaluate(feats, labels, f"digits {classes}", seed, ks, criteria, log)
+                    explain(feats, labels, [str(c) for c in classes], f"digits {classes}",
+                            seed, log)
         for path in sorted((REPO / "benchmarks" / "data").glob("cifar10-simclr-*.npz")):
             if not args.features_only:
                 saved = np.load(path)
                 rows += evaluate(saved["features"], saved["targets"], path.name, 0, ks,
                                  criteria, log)
+                explain(saved["features"], saved["targets"],
+                        [str(c) for c in range(int(saved["targets"].max()) + 1)], path.name, 0,
+                        log)
     if rows:
         digits = [r for r in rows if r["source"].startswith("digits")]
         for name, part in (("digits", digits), ("other", [r for r in rows if r not in digits])):

@@ -127,3 +127,21 @@ def test_bad_choices_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureF
                  *extra]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"scanclust: error: {message}"
     assert not out.exists()
+
+
+def test_class_splits_names_the_class_the_communities_divide() -> None:
+    """The benchmark's reading of communities with the labels: class "a" (6 images) is the
+    majority of communities 0 (3 of 3) and 1 (2 of 2), class "b" of community 2 (4 of 5), so
+    "a" is split, nothing is unmatched, and the purity is (3 + 2 + 4) / 10."""
+    from benchmarks.choose_k import class_splits
+
+    communities = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
+    found = class_splits(communities, labels, ["a", "b"])
+    assert found == {"communities": 3, "purity": 0.9, "unmatched_classes": [],
+                     "split_classes": {"a": [{"images": 3, "purity": 1.0},
+                                             {"images": 2, "purity": 1.0}]}}
+    # with the second community below 15 % of the class, nothing is split
+    many = np.concatenate([communities, np.zeros(20, dtype=int)])
+    assert class_splits(many, np.concatenate([labels, np.zeros(20, dtype=int)]),
+                        ["a", "b"])["split_classes"] == {}
