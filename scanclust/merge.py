@@ -8,7 +8,10 @@ small one can have its own, and the merge joins the clusters whose images are ea
 neighbours, whatever sizes that gives (README, "Clusters of different sizes"; measured in
 benchmarks/RESULTS.md). The merge is greedy on Newman's modularity of the cluster graph (the
 agglomeration of Clauset, Newman and Moore, 2004, started from the clusters instead of single
-images): at each step the pair whose union raises the modularity most, or lowers it least.
+images): at each step the pair whose union raises the modularity most, or lowers it least,
+except that no merged cluster is left nearly empty while a merge can fill it
+(``greedy_merges``' floor). The merged model then gives each image the merged cluster of its
+most probable trained cluster (``ClusterModel.merge_clusters``), the partition merged here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+
+from scanclust.health import NEAR_EMPTY
 
 
 def cluster_edges(labels: np.ndarray, neighbors: np.ndarray, count: int) -> np.ndarray:
@@ -25,12 +30,21 @@ def cluster_edges(labels: np.ndarray, neighbors: np.ndarray, count: int) -> np.n
     return edges
 
 
-def greedy_merges(edges: np.ndarray) -> Iterator[tuple[float, list[list[int]]]]:
+def greedy_merges(edges: np.ndarray, sizes: np.ndarray | None = None, floor: float = 0.0,
+                  target: int = 1) -> Iterator[tuple[float, list[list[int]]]]:
     """The modularity and the groups of clusters, from every cluster alone down to one group,
     merging at each step the pair that keeps the modularity highest
-    (``Q = trace(E) / m - sum_g out_g * in_g / m^2``; ties go to the lowest indices)."""
+    (``Q = trace(E) / m - sum_g out_g * in_g / m^2``; ties go to the lowest indices).
+
+    With ``sizes`` (images per cluster), a group under ``floor`` images is not left over at
+    ``target`` groups if merging can help it: once the merges left before ``target`` are no
+    more than the groups under the floor, each merge must take one of them (the best such
+    pair). Why: a cluster of a few images has few kNN edges, so merging it changes the
+    modularity little either way, and the agglomeration leaves it apart to the end, as a
+    nearly empty merged cluster (measured in benchmarks/RESULTS.md)."""
     edges = np.array(edges, dtype=np.float64)
     groups = [[c] for c in range(len(edges))]
+    sizes = None if sizes is None else np.array(sizes, dtype=np.float64)
     m = edges.sum()
     while True:
         out_degree, in_degree = edges.sum(1), edges.sum(0)
@@ -41,7 +55,14 @@ def greedy_merges(edges: np.ndarray) -> Iterator[tuple[float, list[list[int]]]]:
         gain = (edges + edges.T) / m - (np.outer(out_degree, in_degree)
                                         + np.outer(in_degree, out_degree)) / m ** 2
         np.fill_diagonal(gain, -np.inf)
+        if sizes is not None:
+            small = sizes < floor
+            if small.any() and len(edges) - target <= small.sum():
+                gain = np.where(small[:, None] | small[None, :], gain, -np.inf)
         a, b = sorted(np.unravel_index(int(np.argmax(gain)), gain.shape))
+        if sizes is not None:
+            sizes[a] += sizes[b]
+            sizes = np.delete(sizes, b)
         edges[a] += edges[b]
         edges[:, a] += edges[:, b]
         edges = np.delete(np.delete(edges, b, 0), b, 1)
@@ -56,6 +77,9 @@ def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
     on modularity until ``k`` are left; a cluster no image is assigned to goes where its
     probability mass lies (so that a new image landing in it still gets a merged cluster). If
     fewer than ``k`` clusters hold images, they all stay apart and the others fill the rest.
+    No merged cluster is left under ``health.NEAR_EMPTY`` of an even share of the images
+    while merging can fill it (``greedy_merges``' floor): the size below which the run would
+    warn that the clustering collapsed.
     """
     count = probs.shape[1]
     labels = probs.argmax(1)
@@ -68,8 +92,10 @@ def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
     else:
         index = np.full(count, -1, dtype=np.int64)
         index[used] = np.arange(len(used))
-        groups = next(g for _, g in greedy_merges(cluster_edges(index[labels], neighbors,
-                                                                len(used))) if len(g) == k)
+        sizes = np.bincount(index[labels], minlength=len(used))
+        steps = greedy_merges(cluster_edges(index[labels], neighbors, len(used)), sizes,
+                              NEAR_EMPTY * len(labels) / k, k)
+        groups = next(g for _, g in steps if len(g) == k)
         for g, members in enumerate(groups):
             mapping[used[members]] = g
     empty = np.flatnonzero(mapping < 0)

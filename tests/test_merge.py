@@ -41,6 +41,32 @@ def test_greedy_merges_join_the_split_groups_and_score_as_modularity() -> None:
     assert steps[3][0] == pytest.approx(0.0)
 
 
+def groups_and_a_stray() -> tuple[np.ndarray, np.ndarray]:
+    """102 images: groups A (clusters 0, 1) and B (2, 3) of 50, each image's 4 neighbours
+    drawn from its own group, and cluster 4, two images whose neighbours are in A."""
+    labels = np.repeat([0, 1, 2, 3, 4], [25, 25, 25, 25, 2])
+    rng = np.random.default_rng(0)
+    neighbors = np.concatenate([start + rng.integers(0, 50, (50, 4)) for start in (0, 50)]
+                               + [np.array([[0, 1, 25, 26], [2, 3, 27, 28]])])
+    return labels, neighbors
+
+
+def test_no_merged_cluster_is_left_nearly_empty_while_merging_can_fill_it() -> None:
+    labels, neighbors = groups_and_a_stray()
+    edges = cluster_edges(labels, neighbors, 5)
+    # plain agglomeration: A and B joined back, the stray's 2 images kept as the third cluster
+    plain = next(g for _, g in greedy_merges(edges) if len(g) == 3)
+    assert sorted(sorted(g) for g in plain) == [[0, 1], [2, 3], [4]]
+    # with the floor (0.1 of an even share, 102 / 3 images: 3.4) the stray joins A, B stays split
+    sizes = np.bincount(labels)
+    floored = next(g for _, g in greedy_merges(edges, sizes, 3.4, 3) if len(g) == 3)
+    assert sorted(sorted(g) for g in floored) == [[0, 1, 4], [2], [3]]
+    mapping = merge_map(np.eye(5)[labels], neighbors, 3)
+    assert sorted(np.bincount(mapping[labels]).tolist()) == [25, 25, 52]
+    # the floor does not change the curve the K criteria read (no sizes given)
+    assert [len(g) for _, g in greedy_merges(edges)] == [5, 4, 3, 2, 1]
+
+
 def test_merge_map_sends_an_empty_cluster_where_its_mass_is() -> None:
     labels, neighbors = two_groups_of_two()
     probs = np.full((8, 5), 0.01)
@@ -57,20 +83,29 @@ def test_merge_map_keeps_too_few_used_clusters_apart() -> None:
     assert mapping[0] != mapping[1] and mapping[2] == 2 and sorted(set(mapping.tolist())) == [0, 1, 2]
 
 
-def test_a_merged_cluster_has_the_summed_probability_of_its_members() -> None:
+def test_a_merged_cluster_has_the_largest_logit_of_its_members() -> None:
     torch.manual_seed(0)
     model = ClusterModel(TinyResNet(4), 6, 2)
     x = torch.randn(5, 3, 8, 8)
     model.eval()
-    before = torch.softmax(model(x), -1)
+    before = model(x)
     model.keep_head(1)
     model.merge_clusters([0, 1, 0, 2, 1, 0])
     assert model.num_clusters == 3 and model.outputs == 6
-    after = torch.softmax(model(x), -1)
+    after = model(x)
     assert after.shape == (1, 5, 3)
-    expected = torch.stack([before[1][:, [0, 2, 5]].sum(1), before[1][:, [1, 4]].sum(1),
+    expected = torch.stack([before[1][:, [0, 2, 5]].amax(1), before[1][:, [1, 4]].amax(1),
                             before[1][:, 3]], 1)
     assert torch.allclose(after[0], expected, atol=1e-6)
+    # so each image lands in the merged cluster of its most probable trained cluster
+    mapping = torch.tensor([0, 1, 0, 2, 1, 0])
+    assert torch.equal(after[0].argmax(1), mapping[before[1].argmax(1)])
+    # and the gradient reaches only each merged cluster's leading member
+    model.zero_grad()
+    model.heads.weight.requires_grad_(True)
+    model(x)[0, :, 2].sum().backward()  # merged cluster 2 is trained cluster 3 alone
+    assert model.heads.weight.grad[[3]].abs().sum() > 0
+    assert model.heads.weight.grad[[0, 1, 2, 4, 5]].abs().sum() == 0
     assert model.merge_mapping() == [0, 1, 0, 2, 1, 0]
     assert "merge" in model.state_dict()
 
