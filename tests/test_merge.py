@@ -115,3 +115,5 @@ def test_an_unmerged_model_has_no_merge_in_its_weights() -> None:
     assert model.merge_mapping() is None and "merge" not in model.state_dict()
     with pytest.raises(ValueError, match="a merge of 3 clusters"):
         model.merge_clusters([0, 1])
+    with pytest.raises(ValueError, match=r"every merged cluster 0..2 a member, got \[0, 2, 2\]"):
+        model.merge_clusters([0, 2, 2])

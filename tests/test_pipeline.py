@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -21,11 +22,12 @@ import scanclust.stages.pretext as pretext_module
 import scanclust.stages.scan as scan_module
 import scanclust.stages.selflabel as selflabel_module
 from scanclust import engine
-from scanclust.checkpoint import CheckpointError, load_checkpoint
+from scanclust.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scanclust.config import ConfigError, load_config
 from scanclust.data import build_dataset
 from scanclust.metrics import cluster_metrics
-from scanclust.rundir import RunDirError
+from scanclust.models.saved import load_cluster_model
+from scanclust.rundir import RunDir, RunDirError
 from tests.conftest import TINY
 from tests.kill_runner import launch
 
@@ -254,6 +256,13 @@ def test_overclustered_scan_merges_to_k_and_resumes_identically(
     dataset = build_dataset(load_config("demo", ov).data, "val")
     labels, probs = scanclust.predict(straight, [dataset.load(i) for i in range(4)], device="cpu")
     assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # a merge that leaves a merged cluster without a member is refused, naming the file
+    path = straight / "selflabel" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    save_checkpoint(path, "selflabel", {**state, "merge": [0] * 20 + list(range(2, 12))})
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: a merge must give every merged "
+                                                        "cluster 0..11 a member")):
+        load_cluster_model(RunDir(straight), "selflabel")
 
 
 def test_worker_data_path_runs_every_stage(tmp_path: Path) -> None:

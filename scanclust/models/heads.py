@@ -70,6 +70,9 @@ class ClusterModel(nn.Module):
         if len(mapping) != self.outputs or min(mapping) < 0:
             raise ValueError(f"a merge of {self.outputs} clusters needs as many targets >= 0, "
                              f"got {mapping}")
+        if len(set(mapping)) != max(mapping) + 1:  # a merged cluster with no member: no logit
+            raise ValueError(f"a merge must give every merged cluster 0..{max(mapping)} a "
+                             f"member, got {mapping}")
         merge = torch.zeros(self.outputs, max(mapping) + 1, device=self.heads.weight.device)
         merge[torch.arange(self.outputs), torch.as_tensor(mapping)] = 1.0
         self.merge = merge

@@ -39,7 +39,10 @@ def load_cluster_model(run: RunDir, stage: str) -> tuple[ClusterModel, dict[str,
         load_state(model, state["best"]["model"], run.checkpoint(stage))
         model.keep_head(state["best"]["head"])
     if merge:
-        model.merge_clusters(merge)
+        try:
+            model.merge_clusters(merge)
+        except ValueError as error:
+            raise CheckpointError(f"{run.checkpoint(stage)}: {error}") from None
     if stage != "scan":
         load_state(model, state["best"]["model"], run.checkpoint(stage))
     return model, state
