@@ -112,10 +112,10 @@ def plan(preset: str, backbone: str, images: int, side: int) -> dict[str, Any]:
             # the cached views as SimCLR views beat strong views (ACC 0.300 vs 0.282, Hungarian
             # 0.270 vs 0.258); 20 neighbours or 10 views instead of 10 / 5 did not help.
             # Three times the clusters, merged on the kNN graph (``merge.py``): against K
-            # clusters, on CIFAR-10 JPEG folders +5.2 ACC long-tailed, +0.3 and -0.8 balanced, on
-            # digits +7.7 to +9.3 in all three profiles; 5 times did better on digits and
-            # worse on CIFAR-10, and beat the adaptive prior (+1.9 / -0.3 on CIFAR-10), with or
-            # without it (README, "Clusters of different sizes").
+            # clusters, on CIFAR-10 JPEG folders +3.5 ACC long-tailed, +0.6 and -0.8 balanced,
+            # with no nearly empty cluster; on digits +7.3 to +11.0 in all three profiles. 2 and
+            # 5 times did worse on CIFAR-10, and it beat the adaptive prior (+1.9 / -0.3 on
+            # CIFAR-10), with or without it (README, "Clusters of different sizes").
             s.update({"scan.update_backbone": False, "scan.cached_views": 5, "scan.epochs": 200,
                       "scan.augment": "simclr", "scan.overcluster": 3,
                       "selflabel.update_backbone": False, "selflabel.cached_views": 5,
