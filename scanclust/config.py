@@ -72,6 +72,12 @@ class SimCLRAugConfig:
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    # A random affine after the crop, off by default (the paper has none). Handwriting varies
+    # by slant, so the demo turns it on: without it the features keep a slanted and an upright
+    # 1 apart, and ``--clusters auto`` counts two classes (benchmarks/RESULTS.md).
+    rotate: float = 0.0  # largest rotation in degrees, either way, about the centre
+    shear: float = 0.0  # largest horizontal shear in degrees, either way, about the centre
+    fill: int = 0  # grey level 0..255 of the corners the warp uncovers
 
 
 @dataclass
@@ -341,6 +347,11 @@ def validate(cfg: Config) -> None:
              "augment.simclr.crop_scale", "needs two values 0 < lo <= hi <= 1")
     _require(len(cfg.augment.simclr.jitter) == 4, "augment.simclr.jitter",
              "needs brightness, contrast, saturation, hue")
+    _require(0 <= cfg.augment.simclr.rotate <= 180, "augment.simclr.rotate",
+             "must be between 0 and 180 degrees")
+    _require(0 <= cfg.augment.simclr.shear < 90, "augment.simclr.shear",
+             "must be at least 0 and under 90 degrees")
+    _require(0 <= cfg.augment.simclr.fill <= 255, "augment.simclr.fill", "must be 0..255")
     strong = cfg.augment.strong
     for name in strong.ops:
         _choice(name, "augment.strong.ops", STRONG_OPS)

@@ -246,6 +246,12 @@ def test_a_config_file_composed_from_a_base(tmp_path: Path) -> None:
     ("scan.optim.lr=abc", "config key 'scan.optim.lr' in the overrides: expected a finite "
                           "float, got 'abc'"),
     ("scan=3", "config key 'scan' in the overrides: expected a mapping, got 3"),
+    ("augment.simclr.rotate=-5", "config key 'augment.simclr.rotate' in the overrides: must be "
+                                 "between 0 and 180 degrees"),
+    ("augment.simclr.shear=90", "config key 'augment.simclr.shear' in the overrides: must be at "
+                                "least 0 and under 90 degrees"),
+    ("augment.simclr.fill=256", "config key 'augment.simclr.fill' in the overrides: must be "
+                                "0..255"),
 ])
 def test_every_message_about_a_typed_value_names_the_overrides(override: str,
                                                               expected: str) -> None:

@@ -246,17 +246,32 @@ def _check_batch(x: Tensor, out_size: int | None = None) -> None:
                          "store the data set at least at the training size")
 
 
+def random_affine(x: Tensor, rotate: float, shear: float, fill: int,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """torchvision's RandomAffine(degrees=rotate, shear=(-shear, shear), bilinear) per sample:
+    an angle and a horizontal shear drawn uniformly from +-rotate and +-shear degrees, about
+    the centre, the uncovered corners at grey level ``fill``."""
+    batch = x.shape[0]
+    draws = torch.rand(batch, 2, generator=generator, device=x.device, dtype=torch.float64)
+    args = torch.zeros(batch, AFFINE_ARGS, dtype=torch.float64, device=x.device)
+    args[:, AFFINE_COLUMN["rotate"]] = (2 * draws[:, 0] - 1) * rotate
+    args[:, AFFINE_COLUMN["shear_x"]] = (2 * draws[:, 1] - 1) * shear
+    return affine_warp(x, inverse_affine(args), Warp("bilinear", fill, "center"))
+
+
 def simclr_batch(x: Tensor, aug: SimCLRAugConfig, out_size: int, mean: Sequence[float],
                  std: Sequence[float], generator: torch.Generator | None = None) -> Tensor:
     """The SimCLR view of a uint8 batch [B, 3, H, W] -> float32 [B, 3, out_size, out_size]:
-    random resized crop, flip, colour jitter with probability jitter_p, grayscale with
-    probability gray_p, normalise (transforms.simclr_transform)."""
+    random resized crop, flip, the optional rotation and shear, colour jitter with probability
+    jitter_p, grayscale with probability gray_p, normalise (transforms.simclr_transform)."""
     _check_batch(x)
     batch, _, height, width = x.shape
     boxes = sample_resized_crop(batch, height, width, tuple(aug.crop_scale), generator=generator,
                                 device=x.device)
     flip = coin(batch, 0.5 if aug.hflip else 0.0, generator, x.device)
     img = crop_resize(x.float(), boxes, out_size, flip)
+    if aug.rotate or aug.shear:
+        img = random_affine(img, aug.rotate, aug.shear, aug.fill, generator)
     jittered = color_jitter(img, *aug.jitter, generator=generator)
     img = torch.where(per_sample(coin(batch, aug.jitter_p, generator, x.device)), jittered, img)
     img = torch.where(per_sample(coin(batch, aug.gray_p, generator, x.device)),

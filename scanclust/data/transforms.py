@@ -226,11 +226,15 @@ def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list[Callable
 
 def simclr_transform(aug: SimCLRAugConfig, image_size: int, mean: Sequence[float],
                      std: Sequence[float]) -> Callable:
-    """The SimCLR view: random resized crop, flip, colour jitter, grayscale, normalise."""
+    """The SimCLR view: random resized crop, flip, an optional random rotation and shear,
+    colour jitter, grayscale, normalise."""
     steps: list[Callable] = [v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale),
                                                   antialias=True)]
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if aug.rotate or aug.shear:
+        steps.append(v2.RandomAffine(degrees=aug.rotate, shear=(-aug.shear, aug.shear),
+                                     interpolation=InterpolationMode.BILINEAR, fill=aug.fill))
     steps += [v2.RandomApply([v2.ColorJitter(*aug.jitter)], p=aug.jitter_p),
               v2.RandomGrayscale(p=aug.gray_p)]
     return v2.Compose(steps + _to_normalized(mean, std))

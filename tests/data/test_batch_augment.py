@@ -206,6 +206,51 @@ def test_disabled_jitter_is_the_identity() -> None:
     assert torch.equal(bo.color_jitter(x, 0.0, 0.0, 0.0, 0.0), x)
 
 
+def test_random_affine_is_torchvisions_affine_at_the_drawn_angle_and_shear() -> None:
+    x = random_uint8(8, seed=30)
+    out = ba.random_affine(x.float(), 15.0, 10.0, 0, torch.Generator().manual_seed(30))
+    # The same draws: an angle and a horizontal shear uniform in +-15 and +-10 degrees.
+    draws = 2 * torch.rand(8, 2, generator=torch.Generator().manual_seed(30),
+                           dtype=torch.float64) - 1
+    ref = torch.stack([F.affine(img, angle=15.0 * float(a), translate=[0, 0], scale=1.0,
+                                shear=[10.0 * float(s), 0.0],
+                                interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+                       for img, (a, s) in zip(x, draws)])
+    assert_close_levels(out, ref, share=0.01)
+    assert (out != x.float()).float().mean() > 0.5  # it did warp
+
+
+def test_simclr_shear_uncovers_a_quarter_of_its_mean_tangent() -> None:
+    # Shearing a unit square by t about its centre moves the row at height y by t * y, which
+    # uncovers |t| / 4 of the square; with the angle uniform in +-20 degrees the mean of
+    # |tan| is -ln(cos 20 deg) / (20 deg) = 0.1783, so 4.46 % of a constant image turns to fill.
+    # Bilinear sampling darkens the pixels along the two slanted edges as well: torchvision
+    # interpolates both the image (zero outside) and its border mask, so a pixel at cover m of
+    # the one-pixel ramp keeps m * m, and a row loses the integral of m - m^2 = 1/6 px per
+    # edge, 1 / (3 * width) of the image (0.26 % at 128 px).
+    n, size = 1000, 128
+    x = torch.full((n, 3, size, size), 200, dtype=torch.uint8)
+    aug = SimCLRAugConfig(crop_scale=[1.0, 1.0], hflip=False, jitter_p=0.0, gray_p=0.0,
+                          shear=20.0)
+    out = ba.simclr_batch(x, aug, size, [0.0] * 3, [1.0 / 255] * 3,
+                          generator=torch.Generator().manual_seed(31))
+    uncovered = 1 - out.mean(dim=(1, 2, 3)) / 200
+    area = -math.log(math.cos(math.radians(20))) / math.radians(20) / 4
+    assert area == pytest.approx(0.0446, abs=1e-4)
+    expected = area + 1 / (3 * size)
+    assert uncovered.mean().item() == pytest.approx(expected, abs=0.0015)
+    assert uncovered.max().item() == pytest.approx(math.tan(math.radians(20)) / 4, abs=0.005)
+    torch.manual_seed(31)
+    reference = simclr_transform(aug, size, [0.0] * 3, [1.0 / 255] * 3)
+    ref = torch.stack([reference(x[0]) for _ in range(300)])
+    assert (1 - ref.mean(dim=(1, 2, 3)) / 200).mean().item() == pytest.approx(expected,
+                                                                             abs=0.004)
+    plain = ba.simclr_batch(x[:8], SimCLRAugConfig(crop_scale=[1.0, 1.0], hflip=False,
+                                                    jitter_p=0.0, gray_p=0.0), size,
+                            [0.0] * 3, [1.0 / 255] * 3)
+    assert (plain == 200).all()  # rotate = shear = 0: no warp at all
+
+
 def test_simclr_jitter_and_grayscale_rates() -> None:
     n = 4000
     colour = torch.tensor([150, 60, 100], dtype=torch.uint8).reshape(1, 3, 1, 1)
@@ -432,6 +477,13 @@ def test_simclr_batch_matches_simclr_transform_in_distribution() -> None:
     out, ref = compare_views(simclr_transform, ba.simclr_batch, SimCLRAugConfig(), 17)
     # Over seeds 0-4 the differences stayed below 0.016 (statistics) and 0.027 (channel means);
     # no colour jitter, no grayscale or a crop scale of 0.5-1 give 0.23, 0.08 and 0.05.
+    assert (view_statistics(out) - view_statistics(ref)).abs().max() < 0.035
+    assert (out.mean(dim=(0, 2, 3)) - ref.mean(dim=(0, 2, 3))).abs().max() < 0.045
+
+
+def test_simclr_batch_with_rotation_and_shear_matches_simclr_transform() -> None:
+    aug = SimCLRAugConfig(rotate=30.0, shear=20.0, fill=40)
+    out, ref = compare_views(simclr_transform, ba.simclr_batch, aug, 25)
     assert (view_statistics(out) - view_statistics(ref)).abs().max() < 0.035
     assert (out.mean(dim=(0, 2, 3)) - ref.mean(dim=(0, 2, 3))).abs().max() < 0.045
 
