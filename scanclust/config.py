@@ -72,9 +72,8 @@ class SimCLRAugConfig:
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
     jitter_p: float = 0.8
     gray_p: float = 0.2
-    # A random affine after the crop, off by default (the paper has none). Handwriting varies
-    # by slant, so the demo turns it on: without it the features keep a slanted and an upright
-    # 1 apart, and ``--clusters auto`` counts two classes (benchmarks/RESULTS.md).
+    # A random affine after the crop, off by default (the paper has none); the demo turns it
+    # on because handwriting varies by slant (why and what it gained: configs/demo.yaml).
     rotate: float = 0.0  # largest rotation in degrees, either way, about the centre
     shear: float = 0.0  # largest horizontal shear in degrees, either way, about the centre
     fill: int = 0  # grey level 0..255 of the corners the warp uncovers
