@@ -168,6 +168,10 @@ class ScanConfig:
     # Train this many times the clusters asked for, then merge them down on the mined kNN graph
     # (``merge.py``): a large class may then be several of SCAN's clusters, a small one its own
     overcluster: int = 1
+    # The merge's modularity resolution: 1 is Newman's; below 1 the penalty on joining groups
+    # of many kNN edges shrinks, so large classes stay whole (README, "Clusters of different
+    # sizes": it helps on clear features and makes giant clusters on weak ones)
+    merge_resolution: float = 1.0
     num_heads: int = 1
     num_neighbors: int | None = None  # None: all mined; 0: the anchor's own augmentation
     partner: str = "neighbors_and_self"  # draw among the K neighbours and the image itself | neighbors
@@ -208,7 +212,8 @@ class SelfLabelConfig:
 # resumed old run compares as made with them (``lineage.compare_configs``).
 ADDED_KEYS: dict[str, Any] = {
     **{f"scan.{k}": getattr(ScanConfig(), k) for k in ("prior", "prior_momentum", "prior_floor",
-                                                      "prior_warmup", "overcluster")},
+                                                      "prior_warmup", "overcluster",
+                                                      "merge_resolution")},
     **{f"selflabel.{k}": getattr(SelfLabelConfig(), k)
        for k in ("selection", "per_cluster_fraction")},
 }
@@ -394,6 +399,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.scan.prior_floor <= 1, "scan.prior_floor", "must be in [0, 1]")
     _require(0 <= cfg.scan.prior_warmup <= 1, "scan.prior_warmup", "must be in [0, 1]")
     _require(cfg.scan.overcluster >= 1, "scan.overcluster", "must be >= 1")
+    _require(0 < cfg.scan.merge_resolution <= 10, "scan.merge_resolution", "must be in (0, 10]")
     _choice(cfg.scan.partner, "scan.partner", ("neighbors_and_self", "neighbors"))
     _require(cfg.scan.selection_entropy_weight is None or cfg.scan.selection_entropy_weight >= 0,
              "scan.selection_entropy_weight", "must be >= 0 or null")

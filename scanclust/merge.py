@@ -31,10 +31,18 @@ def cluster_edges(labels: np.ndarray, neighbors: np.ndarray, count: int) -> np.n
 
 
 def greedy_merges(edges: np.ndarray, sizes: np.ndarray | None = None, floor: float = 0.0,
-                  target: int = 1) -> Iterator[tuple[float, list[list[int]]]]:
+                  target: int = 1, resolution: float = 1.0
+                  ) -> Iterator[tuple[float, list[list[int]]]]:
     """The modularity and the groups of clusters, from every cluster alone down to one group,
     merging at each step the pair that keeps the modularity highest
-    (``Q = trace(E) / m - sum_g out_g * in_g / m^2``; ties go to the lowest indices).
+    (``Q = trace(E) / m - resolution * sum_g out_g * in_g / m^2``; ties go to the lowest
+    indices).
+
+    ``resolution`` (Reichardt and Bornholdt's gamma) scales the null model's term, the expected
+    edges of a group of that degree: Newman's modularity at 1. It is why modularity at a fixed
+    count prefers groups of equal degree (joining two groups costs ``out_a * in_b + out_b *
+    in_a``, largest for the largest), so below 1 two halves of a large class are joined before
+    two small classes are.
 
     With ``sizes`` (images per cluster), a group under ``floor`` images is not left over at
     ``target`` groups if merging can help it: once the merges left before ``target`` are no
@@ -48,12 +56,12 @@ def greedy_merges(edges: np.ndarray, sizes: np.ndarray | None = None, floor: flo
     m = edges.sum()
     while True:
         out_degree, in_degree = edges.sum(1), edges.sum(0)
-        yield (float(np.trace(edges) / m - (out_degree * in_degree).sum() / m ** 2),
+        yield (float(np.trace(edges) / m - resolution * (out_degree * in_degree).sum() / m ** 2),
                [list(g) for g in groups])
         if len(edges) == 1:
             return
-        gain = (edges + edges.T) / m - (np.outer(out_degree, in_degree)
-                                        + np.outer(in_degree, out_degree)) / m ** 2
+        gain = (edges + edges.T) / m - resolution * (np.outer(out_degree, in_degree)
+                                                     + np.outer(in_degree, out_degree)) / m ** 2
         np.fill_diagonal(gain, -np.inf)
         if sizes is not None:
             small = sizes < floor
@@ -69,7 +77,8 @@ def greedy_merges(edges: np.ndarray, sizes: np.ndarray | None = None, floor: flo
         groups[a] += groups.pop(b)
 
 
-def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
+def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int,
+              resolution: float = 1.0) -> np.ndarray:
     """Which of ``k`` merged clusters each of the ``probs.shape[1]`` trained clusters joins.
 
     ``probs``: the trained head's probabilities ``[N, C]`` of the images whose kNN rows are
@@ -79,7 +88,7 @@ def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
     fewer than ``k`` clusters hold images, they all stay apart and the others fill the rest.
     No merged cluster is left under ``health.NEAR_EMPTY`` of an even share of the images
     while merging can fill it (``greedy_merges``' floor): the size below which the run would
-    warn that the clustering collapsed.
+    warn that the clustering collapsed. ``resolution``: the modularity's (``greedy_merges``).
     """
     count = probs.shape[1]
     labels = probs.argmax(1)
@@ -94,7 +103,7 @@ def merge_map(probs: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
         index[used] = np.arange(len(used))
         sizes = np.bincount(index[labels], minlength=len(used))
         steps = greedy_merges(cluster_edges(index[labels], neighbors, len(used)), sizes,
-                              NEAR_EMPTY * len(labels) / k, k)
+                              NEAR_EMPTY * len(labels) / k, k, resolution)
         groups = next(g for _, g in steps if len(g) == k)
         for g, members in enumerate(groups):
             mapping[used[members]] = g

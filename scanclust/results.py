@@ -312,6 +312,8 @@ def prior_setting(scan: ScanConfig) -> str:
     if scan.overcluster > 1:
         name += (f" over scan.overcluster={scan.overcluster} times as many clusters, merged on "
                  f"the kNN graph")
+        if scan.merge_resolution != 1:
+            name += f" (scan.merge_resolution={scan.merge_resolution:g})"
     return name
 
 

@@ -41,6 +41,31 @@ def test_greedy_merges_join_the_split_groups_and_score_as_modularity() -> None:
     assert steps[3][0] == pytest.approx(0.0)
 
 
+def test_resolution_below_one_joins_the_halves_of_a_large_class() -> None:
+    # halves A, B of a large class (100 edges out each, 30 to the other half) and a small
+    # class C (20 edges out, 10 to each half); m = 220 edges
+    edges = np.array([[60, 30, 10], [30, 60, 10], [10, 10, 0]])
+    # gain of a merge: 2 e_ab / m - resolution * 2 out_a out_b / m^2, so
+    # A+B: 60/220 - r * 20000/48400, A+C: 20/220 - r * 4000/48400, equal at r = 0.55
+    def merged(resolution: float) -> list[list[int]]:
+        return next(g for _, g in greedy_merges(edges, resolution=resolution) if len(g) == 2)
+    assert merged(1.0) == [[0, 2], [1]]  # Newman's modularity lumps the small class in
+    assert merged(0.6) == [[0, 2], [1]]
+    assert merged(0.5) == [[0, 1], [2]]  # the large class whole, the small one apart
+    # the score is the modularity at that resolution: 3 groups, trace 120 of 220
+    first = next(iter(greedy_merges(edges, resolution=0.5)))[0]
+    assert first == pytest.approx(120 / 220 - 0.5 * (100**2 + 100**2 + 20**2) / 220**2)
+    # the same graph from images: 10 in A, 10 in B, 2 in C, 10 neighbours each
+    a, b, c = np.arange(10), np.arange(10, 20), np.array([20, 21])
+    neighbors = np.array([np.r_[np.roll(own, -i - 1)[:6], other[:3], c[:1]]
+                          for own, other in ((a, b), (b, a)) for i in range(10)]
+                         + [np.r_[a[:5], b[:5]]] * 2)
+    probs = np.eye(3)[np.repeat([0, 1, 2], [10, 10, 2])]
+    assert cluster_edges(probs.argmax(1), neighbors, 3).tolist() == edges.tolist()
+    assert merge_map(probs, neighbors, 2).tolist() == [0, 1, 0]
+    assert merge_map(probs, neighbors, 2, resolution=0.5).tolist() == [0, 0, 1]
+
+
 def groups_and_a_stray() -> tuple[np.ndarray, np.ndarray]:
     """102 images: groups A (clusters 0, 1) and B (2, 3) of 50, each image's 4 neighbours
     drawn from its own group, and cluster 4, two images whose neighbours are in A."""

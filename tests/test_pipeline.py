@@ -527,6 +527,7 @@ def test_truncated_checkpoint_on_resume_is_one_line(finished_run: Path, tmp_path
     (["scan.prior=zipf"], "scan.prior' in the overrides: 'zipf' is not one of uniform, adaptive"),
     (["scan.prior_warmup=1.5"], "scan.prior_warmup' in the overrides: must be in [0, 1]"),
     (["scan.overcluster=0"], "scan.overcluster' in the overrides: must be >= 1"),
+    (["scan.merge_resolution=0"], "scan.merge_resolution' in the overrides: must be in (0, 10]"),
     (["scan.overcluster=25"], "config key 'scan.overcluster': 25 x 10 clusters to train for only "
                               "200 images"),
     (["selflabel.selection=top"],

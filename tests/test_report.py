@@ -110,3 +110,6 @@ def test_the_report_names_every_key_of_an_adaptive_prior() -> None:
         "adaptive (scan.prior_momentum=0.99, scan.prior_floor=0.2, scan.prior_warmup=0.5)")
     assert prior_setting(ScanConfig(overcluster=3)) == (
         "uniform over scan.overcluster=3 times as many clusters, merged on the kNN graph")
+    assert prior_setting(ScanConfig(overcluster=3, merge_resolution=0.5)) == (
+        "uniform over scan.overcluster=3 times as many clusters, merged on the kNN graph "
+        "(scan.merge_resolution=0.5)")

@@ -264,7 +264,7 @@ def scan(cfg: Config, run: RunDir, status: str, device: torch.device) -> dict[st
     merged = {}
     if sc.overcluster > 1:
         probs = _best_probabilities(loop, cfg, train_set, data, device)
-        loop.merge = merge_map(probs, train_neighbors, clusters).tolist()
+        loop.merge = merge_map(probs, train_neighbors, clusters, sc.merge_resolution).tolist()
         loop.save()
         trained_sizes = np.bincount(probs.argmax(1), minlength=trained)
         merged = {"trained_clusters": trained, "trained_sizes": trained_sizes.tolist(),
