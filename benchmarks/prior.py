@@ -12,7 +12,8 @@ Per profile and seed one pretext and mining with the demo config (``data.dataset
 SCAN's selection and the evaluation see the whole folder, as ``scanclust cluster`` does) are
 shared by every variant: SCAN with each prior (``PRIORS``: uniform, adaptive, adaptive
 with a warm-up of half the epochs, and ``overcluster``: 3 x K clusters under the uniform prior,
-merged to K; ``--priors`` picks), and on each SCAN self-label with each
+merged to K at ``scan.merge_resolution=1`` unless ``--set`` says otherwise; ``--priors``
+picks), and on each SCAN self-label with each
 selection (``selflabel.selection``). ``folder``: the same variants on a finished
 ``scanclust cluster --preset cpu`` run (SCAN and self-label heads on cached features of its
 frozen backbone), reusing its pretext and mining; ``--set seed=S`` draws another SCAN and
@@ -59,7 +60,8 @@ ADAPTIVE = ["scan.prior=adaptive", "scan.prior_momentum=0.99", "scan.prior_floor
 PRIORS = {"uniform": ["scan.prior=uniform", "scan.overcluster=1"],
           "adaptive": ADAPTIVE + ["scan.prior_warmup=0", "scan.overcluster=1"],
           "adaptive_warmup": ADAPTIVE + ["scan.prior_warmup=0.5", "scan.overcluster=1"],
-          "overcluster": ["scan.prior=uniform", "scan.overcluster=3"]}
+          "overcluster": ["scan.prior=uniform", "scan.overcluster=3",
+                          "scan.merge_resolution=1"]}
 SELECTIONS = {"threshold": ["selflabel.selection=threshold"],
               "per_cluster": ["selflabel.selection=per_cluster"]}
 QUIET = ["progress=false", "evaluate.figures=false", "evaluate.kmeans=false"]
