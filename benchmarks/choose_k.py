@@ -11,10 +11,11 @@
         the criteria on the features of any run (e.g. RUN/neighbors/features_train.npy with
         RUN/neighbors/targets_train.npy).
 
-Mined features are cached in ``.cache/choose_k/`` (git-ignored), so a rerun costs only the
-criteria; ``--features-only`` fills the cache (e.g. ``--seeds 5:7`` for runs to fix parameters
-on, kept apart from the reported seeds). One JSON line per (source, criterion) and a summary
-per criterion go to standard output and to ``benchmarks/results/choose_k-DEVICE-DATE.jsonl``.
+Mined features are cached in ``.cache/choose_k/`` (git-ignored; keyed by the demo config), so
+a rerun costs only the criteria; ``--features-only`` fills the cache (e.g. ``--seeds 5:7`` for
+runs to fix parameters on, kept apart from the reported seeds). One JSON line per (source,
+criterion) and a summary per criterion go to standard output and to
+``benchmarks/results/choose_k-DEVICE-DATE.jsonl``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,21 @@ def digit_classes(count: int, seed: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(10, count, replace=False))
 
 
+def demo_fingerprint() -> str:
+    """8 hex digits of the resolved demo config, the settings the cached features depend on."""
+    import hashlib
+
+    from scanclust.config import load_config
+
+    text = json.dumps(load_config("demo").to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def digits_features(classes: list[int], seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """The demo's pretext and mining on a folder of the digits train images of ``classes``:
-    the mined train features and labels (cached), and the seconds they took to make."""
-    path = CACHE / f"digits-{'-'.join(map(str, classes))}-seed{seed}.npz"
+    the mined train features and labels (cached under the demo config's fingerprint, so that
+    features made with other pretext settings are not reused), and the seconds they took."""
+    path = CACHE / f"digits-{'-'.join(map(str, classes))}-seed{seed}-{demo_fingerprint()}.npz"
     if path.is_file():
         saved = np.load(path)
         return saved["features"], saved["targets"], float(saved["seconds"])
