@@ -98,8 +98,8 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
                    help="also write one folder per cluster into RUN/clusters/")
     p.add_argument("--k-range", metavar="LO:HI", help="range for --clusters auto (default 2:20)")
     p.add_argument("--criterion", default="louvain",
-                   help="--clusters auto criterion: louvain (default), spectral, eigengap, "
-                        "scan_merge, stability, gap, modularity or silhouette")
+                   help="--clusters auto criterion: louvain (default), louvain_alone, spectral, "
+                        "eigengap, scan_merge, stability, gap, modularity or silhouette")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image instead of skipping it")
     _common(p)

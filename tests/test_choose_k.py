@@ -66,6 +66,30 @@ def test_louvain_finds_the_blocks_and_merging_them_lowers_modularity() -> None:
     assert modularity(np.repeat([0, 0, 1], 4), CLIQUES) == pytest.approx(4 / 9)
 
 
+@pytest.mark.parametrize(("q3", "gap3", "band", "chosen"), [
+    (0.700, 0.30, 0.02, 3),  # 0.700 >= 0.98 * 0.710 = 0.6958, and the larger gap: one fewer
+    (0.690, 0.30, 0.02, 4),  # 0.690 < 0.6958: modularity decides
+    (0.700, 0.10, 0.02, 4),  # within the band, but the smaller gap (0.10 < 0.20)
+    (0.700, 0.30, 0.0, 4),   # louvain_alone
+])
+def test_louvain_steps_back_one_cluster_only_for_a_near_tie_and_a_larger_gap(
+        monkeypatch: pytest.MonkeyPatch, q3: float, gap3: float, band: float,
+        chosen: int) -> None:
+    """The curves are set by hand: modularity 0.5 / q3 / 0.710 / 0.6 at K = 2..5 (best at 4),
+    eigengaps 0.05 / gap3 / 0.20 / 0.01."""
+    from scanclust import choose_k
+
+    ks = [2, 3, 4, 5]
+    monkeypatch.setattr(choose_k, "louvain_labels", lambda graph, seed: np.zeros(len(graph), int))
+    monkeypatch.setattr(choose_k, "merged_modularities", lambda labels, graph: {})
+    monkeypatch.setattr(choose_k, "by_spectral", lambda data, ks: ([0.5, q3, 0.710, 0.6], 4, ""))
+    monkeypatch.setattr(choose_k, "by_eigengap", lambda data, ks: ([0.05, gap3, 0.20, 0.01], 3, ""))
+    data = Sample(np.eye(6, dtype=np.float32), 5)
+    scores, k, rule = choose_k.by_louvain(data, ks, band=band)
+    assert k == chosen and scores == [0.5, q3, 0.710, 0.6]
+    assert ("eigengap" in rule) == (band > 0)
+
+
 def test_gap_rule_by_hand() -> None:
     # K = 2: 1.0 < 2.0 - 0.1; K = 3: 2.0 >= 2.1 - 0.2, so 3
     assert gap_choice(np.array([1.0, 2.0, 2.1, 2.0]), np.array([0.1, 0.1, 0.2, 0.1]),
@@ -111,7 +135,7 @@ def test_the_command_line_default_is_the_module_default() -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--criterion", "elbow"], "--criterion 'elbow' is not one of louvain, spectral, "
+    (["--criterion", "elbow"], "--criterion 'elbow' is not one of louvain, louvain_alone, spectral, "
                                "eigengap, scan_merge, stability, gap, modularity, silhouette"),
     (["--k-range", "1:5"], "--k-range '1:5': expected LO:HI with 2 <= LO <= HI, e.g. 2:20"),
     (["--k-range", "2:12"], "--k-range 2:12: K = 12 needs more than 12 images to compare "
